@@ -72,5 +72,6 @@ d = { 'settings': { 'branch': 'main',
                                    'imitation_nb.core.section_schema': ('core.html#section_schema', 'imitation_nb/core.py'),
                                    'imitation_nb.core.seed_everything': ('core.html#seed_everything', 'imitation_nb/core.py'),
                                    'imitation_nb.core.stable_hash': ('core.html#stable_hash', 'imitation_nb/core.py'),
+                                   'imitation_nb.core.subject_fields': ('core.html#subject_fields', 'imitation_nb/core.py'),
                                    'imitation_nb.core.to_json': ('core.html#to_json', 'imitation_nb/core.py'),
                                    'imitation_nb.core.wilson_ci': ('core.html#wilson_ci', 'imitation_nb/core.py')}}}
