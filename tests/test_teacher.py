@@ -245,3 +245,28 @@ def test_server_protocol_with_real_model(server):
     assert e.value.body["param"] == "top_p" and e.value.body["type"] == "invalid_request_error"
     with pytest.raises(openai.NotFoundError):
         sdk.chat.completions.create(model="gpt-4", messages=q)
+
+
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_serve_lora_adapter(tmp_path):
+    "A peft LoRA adapter is applied: served under MODEL+ADAPTER, with its own fingerprint and different outputs."
+    import openai, torch
+    from peft import LoraConfig, get_peft_model
+    from imitation_nb.models import load_model
+    from imitation_nb.serve import LocalChatModel, create_app, default_served_name
+    from imitation_nb.teacher import ThreadServer
+    torch.manual_seed(0)
+    pm = get_peft_model(load_model(MODEL), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    pm.save_pretrained(tmp_path / "my-adapter"); del pm
+    base, ad = LocalChatModel(MODEL), LocalChatModel(MODEL, adapter=str(tmp_path / "my-adapter"))
+    assert type(ad.model).__name__ == "PeftModel" and ad.fingerprint != base.fingerprint
+    q = [{"role": "user", "content": "Name a color."}]
+    name = default_served_name(MODEL, str(tmp_path / "my-adapter"))
+    assert name == f"{MODEL}+my-adapter"
+    with ThreadServer(create_app(ad, name)) as srv:
+        sdk = openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0, timeout=300)
+        assert [m.id for m in sdk.models.list().data] == [name]
+        out = sdk.chat.completions.create(model=name, messages=q, temperature=0, max_tokens=8).choices[0].message.content
+    assert out == ad.generate(q, temperature=0, max_tokens=8)["choices"][0]["message"]["content"]
+    assert out != base.generate(q, temperature=0, max_tokens=8)["choices"][0]["message"]["content"]
