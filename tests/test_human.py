@@ -64,6 +64,12 @@ def test_browser_two_raters_reload(study10, tmp_path):
                     assert page.inner_text("#progress") == "Item 5 of 10"
                     assert page.input_value("input[name=item_id]") == shown
                     assert RatingsDB(db_path, study10.study_id).count() == before
+                if rater == "bob" and step == 6:     # bob opens the page in a new session: resumes at item 7
+                    other = browser.new_context().new_page()
+                    other.goto(f"{url}/rate?rater=bob")
+                    assert other.inner_text("#progress") == "Item 7 of 10"
+                    assert other.input_value("input[name=item_id]") == page.input_value("input[name=item_id]")
+                    other.context.close()
                 assert page.inner_text("#progress") == f"Item {step + 1} of 10"
                 with page.expect_navigation():
                     if keys[rater]: page.keyboard.press(keys[rater][step % len(keys[rater])])   # keyboard shortcuts
