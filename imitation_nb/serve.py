@@ -1,4 +1,4 @@
-"""`imitation-nb serve MODEL [--adapter PATH] [--port 8765]`: chat completions from an embedded or hub model
+"""`imitation-nb serve MODEL [--adapter PATH] [--port 8800]`: chat completions from an embedded or hub model
 (optionally with a fine-tuned LoRA adapter) on loopback — the offline teacher and judge.
 
 Docs: https://imitation-nb.github.io/imitation_nb/serve.html.md"""
@@ -9,7 +9,7 @@ Docs: https://imitation-nb.github.io/imitation_nb/serve.html.md"""
 __all__ = ['log', 'ServeConfig', 'BadRequest', 'render_prompt', 'cut_at_stop', 'LocalChatModel', 'ChatMessage', 'ChatRequest',
            'create_app', 'default_served_name', 'serve_cli', 'free_port', 'ServerProcess', 'start_server']
 
-# %% ../nbs/22_serve.ipynb #576ee9ec
+# %% ../nbs/22_serve.ipynb #83c06f14
 import dataclasses, json, logging, os, re, signal, socket, subprocess, sys, tempfile, threading, time, uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +19,13 @@ from .core import register_section, SECRET_ENV_RE, stable_hash, cache_dir
 
 log = logging.getLogger("imitation_nb.serve")
 
-# %% ../nbs/22_serve.ipynb #a2c0f9b1
+# %% ../nbs/22_serve.ipynb #82958aea
 @register_section("serve")
 @dataclass
 class ServeConfig:
     "Defaults of the local server (`imitation-nb serve` options override them)."
     host: str = "127.0.0.1"
-    port: int = 8765
+    port: int = 8800
     dtype: str = "auto"               # float32 on CPU
     device: str = "auto"
     quantization: str = "none"        # none | nf4 | int8
@@ -34,7 +34,7 @@ class ServeConfig:
     max_n: int = 8
     chat_template: Optional[str] = None
 
-# %% ../nbs/22_serve.ipynb #e9cddce4
+# %% ../nbs/22_serve.ipynb #7479f149
 class BadRequest(ValueError):
     "A client error, reported as an OpenAI-style 400 (or `status`)."
     def __init__(self, message, param=None, code=None, status=400):
@@ -101,7 +101,7 @@ class LocalChatModel:
         return {"choices": choices, "usage": {"prompt_tokens": int(ids.shape[1]), "completion_tokens": total,
                                               "total_tokens": int(ids.shape[1]) + total}}
 
-# %% ../nbs/22_serve.ipynb #b2b61606
+# %% ../nbs/22_serve.ipynb #3d3ac7cd
 from pydantic import BaseModel, ConfigDict, Field
 
 class ChatMessage(BaseModel):
@@ -185,7 +185,7 @@ def create_app(engine, served_name: str, cfg: ServeConfig | None = None):
 
     return app
 
-# %% ../nbs/22_serve.ipynb #2f2cd1df
+# %% ../nbs/22_serve.ipynb #0e4c7c70
 from fastcore.script import call_parse
 
 def default_served_name(model: str, adapter: str | None = None) -> str:
@@ -195,33 +195,39 @@ def default_served_name(model: str, adapter: str | None = None) -> str:
 def serve_cli(
     model: str,  # embedded name (smollm2-135m-instruct, gemma3-270m), hub id or local folder
     adapter: str = None,  # LoRA adapter folder (peft) to apply
-    port: int = 8765,  # TCP port
-    host: str = "127.0.0.1",  # bind address (loopback by default; anything else exposes the model)
+    port: int = None,  # TCP port (default: the profile's serve.port, 8800)
+    host: str = None,  # bind address (default 127.0.0.1; anything else exposes the model)
     served_name: str = None,  # model id clients must send (default: MODEL, or MODEL+ADAPTER_NAME)
     chat_template: str = None,  # named template for bases without one (see imitation_nb.chat)
-    dtype: str = "auto",  # float32 | bfloat16 | auto
-    device: str = "auto",  # cpu | cuda | auto
-    quantization: str = "none",  # none | nf4 | int8
-    max_tokens_limit: int = 2048,  # reject requests asking for more new tokens
+    dtype: str = None,  # float32 | bfloat16 | auto (default: profile)
+    device: str = None,  # cpu | cuda | auto (default: profile)
+    quantization: str = None,  # none | nf4 | int8 (default: profile)
+    max_tokens_limit: int = None,  # reject requests asking for more new tokens (default: profile)
     threads: int = 0,  # torch threads (0 = default)
+    profile: str = None,  # take defaults from this profile's `serve` section
 ):
     "OpenAI-compatible server for a local model (+ adapter). GPU users: run vLLM's server instead."
     import uvicorn
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("binding %s: the model is reachable from other machines", host)
+    base = ServeConfig()
+    if profile:
+        from imitation_nb.core import load_profile
+        base = load_profile(profile).section("serve")
+    given = dict(host=host, port=port, dtype=dtype, device=device, quantization=quantization,
+                 max_tokens_limit=max_tokens_limit, chat_template=chat_template)
+    cfg = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+    if cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("binding %s: the model is reachable from other machines", cfg.host)
     if threads:
         import torch; torch.set_num_threads(threads)
     name = served_name or default_served_name(model, adapter)
-    cfg = ServeConfig(host=host, port=port, dtype=dtype, device=device, quantization=quantization,
-                      max_tokens_limit=max_tokens_limit, chat_template=chat_template)
-    engine = LocalChatModel(model, adapter=adapter, chat_template=chat_template, dtype=dtype, device=device,
-                            quantization=quantization)
-    print(f"serving {name} at http://{host}:{port}/v1", flush=True)
-    uvicorn.run(create_app(engine, name, cfg), host=host, port=port, log_level="warning")
+    engine = LocalChatModel(model, adapter=adapter, chat_template=cfg.chat_template, dtype=cfg.dtype, device=cfg.device,
+                            quantization=cfg.quantization)
+    print(f"serving {name} at http://{cfg.host}:{cfg.port}/v1", flush=True)
+    uvicorn.run(create_app(engine, name, cfg), host=cfg.host, port=cfg.port, log_level="warning")
 
 serve_cli.cli_pos = ["model"]
 
-# %% ../nbs/22_serve.ipynb #97163dee
+# %% ../nbs/22_serve.ipynb #1b8572d5
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0)); return s.getsockname()[1]
