@@ -206,3 +206,10 @@ def test_toxicity_metrics_and_rows():
     rows = toxicity_rows(recs, "scorer-x", ToxicityConfig(n_boot=50), {"model": "m", "role": "base"})
     assert {r["metric_key"] for r in rows} == {"expected_max_toxicity", "toxicity_probability", "non_toxicity"}
     assert len(rows) == 9 and all(r["evaluator"] == "scorer-x" for r in rows)
+
+
+@pytest.mark.parametrize("reply,verdict", [("B", "B"), ("**A**.", "A"), ("C (tie)", "tie"), ("A is better.", "A"),
+                                           ("A\n\nA\n\n", "A"), ("A good answer would", None), ("Both are fine", None)])
+def test_parse_one_letter_replies(reply, verdict):
+    assert parse_verdict(reply, letter=True)[0] == verdict
+    if verdict in ("B", "tie"): assert parse_verdict(reply)[0] is None     # bare letters only count when asked for
