@@ -218,6 +218,19 @@ def test_fig3_reproduction_band_is_one_std(res):
     for _, r in j.iterrows():
         assert band[r.data_tokens_m] == pytest.approx((r.value - r["std"], r.value + r["std"]))
 
+def test_fig5_uses_the_headline_panel_not_subsets():
+    fx = fixture_results()
+    tox = fx.metric_key == "non_toxicity"
+    fx.loc[tox, "panel"] = "RealToxicityPrompts"
+    sub = fx[tox].assign(panel="RealToxicityPrompts challenging", value=0.123)   # eval_toxicity's per-subset rows
+    res = with_paper(pd.concat([fx, sub], ignore_index=True))
+    df, fig = F.fig5_toxicity(res, source="reproduction", save=False, return_fig=True)
+    d = drawn(fig)[("reproduction", "non_toxicity", "data")]
+    main = fx[tox & (fx.role == "imitation") & (fx.model_family == "Gemma-3")]
+    assert d["lines"]["imitation"] == xy(main, "data_tokens_m")
+    assert 0.123 not in [y for _, y in d["lines"]["imitation"]]
+    assert any("Reproduction evaluators" in t.get_text() and "fixture" in t.get_text() for t in fig.texts)
+
 def test_source_profile_and_run_id_filters(res):
     other = fixture_results(seed=1).assign(profile="smoke", created="2026-02-01T00:00:00+00:00")
     both = pd.concat([res, other.reindex(columns=core.RESULT_COLUMNS)], ignore_index=True)
@@ -325,16 +338,41 @@ def test_fig7_embeds_screenshot_or_says_missing(tmp_path):
     assert (tmp_path / "fig7_rating_interface.png").exists()
 
 # ---------------------------------------------------------------- everything + README
-def test_make_all_figures_paper_only_and_with_runs(tmp_path, res):
+def _fake_runs(root: Path):
+    "A runs/ tree shaped like the stages' output: results.csv, a sources run, two generate runs (TEST FIXTURE)."
+    res_csv = root / "mini" / "eval_fixture" / "r1" / "results.csv"; res_csv.parent.mkdir(parents=True)
+    # written with pandas: core.append_results (b21f8c7..8daa62a) rejects `data_tokens_m` as a secret-looking key
+    fixture_results().reindex(columns=core.RESULT_COLUMNS).to_csv(res_csv, index=False)
+    src = root / "mini" / "sources" / "s1"; src.mkdir(parents=True)
+    convs = [{"id": f"sharegpt:{i}", "source": "sharegpt", "messages": [
+                {"role": "user", "content": f"Fixture question number {i}: please explain photosynthesis simply."},
+                {"role": "assistant", "content": "Fixture answer. " * (15 + i)}], "meta": {"line": i}} for i in range(5)]
+    pd.DataFrame({"id": [c["id"] for c in convs], "source": [c["source"] for c in convs],     # as sources writes it:
+                  "messages": [json.dumps(c["messages"]) for c in convs],                 # JSON strings
+                  "meta": [json.dumps(c["meta"]) for c in convs]}).to_parquet(src / "conversations.parquet")
+    core.atomic_write_json(src / "manifest.json", {"status": "done", "params": {}})
+    prompts = root / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "p1", "messages": [{"role": "user", "content": "What is a fixture in testing?"}]}) + "\n")
+    for name, subj, text in (("t", {"role": "teacher", "model": "teacher", "label": TEACHER}, "Teacher fixture answer."),
+                             ("i", {"role": "imitation", "model": "gemma3-270m", "label": "Gemma-3-270M + ShareGPT-Mix 0.04M",
+                                    "imitation_data": "ShareGPT-Mix", "data_tokens_m": 0.04, "base_params_b": 0.268}, "Imitation fixture answer.")):
+        d = root / "mini" / "generate" / name; d.mkdir(parents=True)
+        (d / "generations.jsonl").write_text(json.dumps({"id": "p1", "prompt": "<start_of_turn>user ...", "output": text}) + "\n")
+        core.atomic_write_json(d / "manifest.json", {"status": "done", "params": {"subject": subj, "prompts_file": str(prompts)}})
+
+def test_make_all_figures_paper_only_and_with_runs(tmp_path):
     out = F.make_all_figures(core.paper_results(), source="both", out_dir=tmp_path / "p", cfg=FAST)
     readme = (tmp_path / "p" / "README.md").read_text()
     assert "no reproduction results yet" in readme
     for name, title in F.ITEMS: assert title in readme
     assert out["fig4_capabilities"] == [tmp_path / "p" / "fig4_capabilities.png"]
     assert out["fig2_side_by_side"] == [] and out["fig7_rating_interface"] == []
-    out = F.make_all_figures(res, source="both", out_dir=tmp_path / "b", cfg=FAST)
+    # a runs/ tree (IMITATION_NB_RUNS points into tmp_path): results, conversations and generations are found
+    _fake_runs(core.runs_dir())
+    out = F.make_all_figures(core.load_results(profile="mini"), source="both", profile="mini", out_dir=tmp_path / "b", cfg=FAST)
     readme = (tmp_path / "b" / "README.md").read_text()
     assert "profile `mini`" in readme and "`mini/eval/fixture" in readme
+    assert out["fig2_side_by_side"] and out["fig6_imitation_examples"]
     trends = pd.read_csv(tmp_path / "b" / "trends.csv")
     row = trends[(trends.metric_key == "nq_em_3shot") & (trends.sweep == "imitation data")].iloc[0]
     fx = fixture_results()
@@ -343,6 +381,19 @@ def test_make_all_figures_paper_only_and_with_runs(tmp_path, res):
     want = "≈" if abs(last - first) <= max(1.0, np.hypot(2.0, 2.0)) else ("↑" if last > first else "↓")
     assert row.reproduction_trend.startswith(f"more data {want}")
     assert row.paper_trend == "more data ↓; vs base ↓"
+
+def test_fig2_fig6_inputs_found_in_runs():
+    _fake_runs(core.runs_dir())
+    sel = F.select(core.load_results(profile="mini"), "both", profile="mini")
+    (ref, rt), (imf, it), prompts = F.find_generations("mini", sel)
+    assert rt == TEACHER and it == "Imitation Model (Gemma-3-270M + ShareGPT-Mix 0.04M, 0.04M tokens)"
+    df = F.fig2_from_generations(imf, ref, "", it, rt, prompts, save=False)
+    assert df["query"][0] == "What is a fixture in testing?"            # raw prompt, not the rendered template
+    assert list(df.text) == ["Teacher fixture answer.", "Imitation fixture answer."]
+    conv = F.find_conversations("mini")
+    assert conv.name == "conversations.parquet"
+    recs = F.read_conversations(conv)
+    assert recs[0]["messages"][0]["role"] == "user" and recs[0]["meta"] == {"line": 0}
 
 def test_committed_figures_hold_no_fixture_numbers():
     fig_dir = ROOT / "figures"
