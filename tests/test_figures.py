@@ -386,10 +386,18 @@ def test_fig2_fig6_inputs_found_in_runs():
     _fake_runs(core.runs_dir())
     sel = F.select(core.load_results(profile="mini"), "both", profile="mini")
     (ref, rt), (imf, it), prompts = F.find_generations("mini", sel)
-    assert rt == TEACHER and it == "Imitation Model (Gemma-3-270M + ShareGPT-Mix 0.04M, 0.04M tokens)"
+    assert rt == TEACHER and it == "Imitation Model (Gemma-3-270M + ShareGPT-Mix 0.04M)"
     df = F.fig2_from_generations(imf, ref, "", it, rt, prompts, save=False)
     assert df["query"][0] == "What is a fixture in testing?"            # raw prompt, not the rendered template
     assert list(df.text) == ["Teacher fixture answer.", "Imitation fixture answer."]
+    # without a teacher generate run, the held-out prompts file's `reference` answers are the teacher's side
+    import shutil; shutil.rmtree(core.runs_dir() / "mini" / "generate" / "t")
+    Path(prompts).write_text(json.dumps({"id": "p1", "prompt": "What is a fixture in testing?", "reference": "A ChatGPT answer.",
+                                         "source": "sharegpt"}) + "\n")
+    (ref, rt), (imf, it), prompts = F.find_generations("mini", sel)
+    assert rt == "ChatGPT (held-out ShareGPT reference)" and Path(ref) == Path(prompts)
+    df = F.fig2_from_generations(imf, ref, "", it, rt, prompts, save=False)
+    assert list(df.text) == ["A ChatGPT answer.", "Imitation fixture answer."] and df["query"][0] == "What is a fixture in testing?"
     conv = F.find_conversations("mini")
     assert conv.name == "conversations.parquet"
     recs = F.read_conversations(conv)
