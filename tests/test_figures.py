@@ -164,6 +164,8 @@ def test_fig1_paper_draws_only_what_exists():
     nq = got[("paper", "nq_em_3shot", "data")]
     top = csv_rows("Figure 4", r"^top.*Natural Questions", ".")
     assert nq["lines"]["imitation"] == xy(top[top.imitation_data == "ShareGPT-Mix"], "data_tokens_m")
+    assert nq["lines"]["base"][0][1] == float(top[top.metric.str.contains("dashed baseline")].value.iloc[0])
+    assert nq["lines"]["teacher"][0][1] == float(top[top.model_family == "ChatGPT"].value.iloc[0])
     texts = " ".join(t.get_text() for ax in fig.axes for t in ax.texts) + " ".join(t.get_text() for t in fig.texts)
     assert "not reported" in texts and "not recovered" in texts and "read from the published plots" in texts
 
@@ -204,6 +206,14 @@ def test_fig4_reproduction_series_from_fixture(res):
         at = m[(m.role == "imitation") & (m.imitation_data == "ShareGPT-Mix") & np.isclose(m.data_tokens_m, 0.04)]
         assert s["lines"]["imitation"] == xy(at, "base_params_b")          # mini's size_sweep.budget_m = 0.04
         assert s["lines"]["base_sizes"] == xy(m[m.role == "base"], "base_params_b")
+    # ±1 std error bars on the reproduction's points (LineCollection segments)
+    from matplotlib.collections import LineCollection
+    ax = next(a for a in fig.axes if a.get_gid() == "reproduction|mmlu_acc|data")
+    segs = [s for c in ax.collections if isinstance(c, LineCollection) for s in c.get_segments()]
+    im = fx[(fx.metric_key == "mmlu_acc") & (fx.role == "imitation") & (fx.model_family == "Gemma-3")]
+    got_bars = np.array(sorted((s[0][0], s[:, 1].min(), s[:, 1].max()) for s in segs))
+    want_bars = np.array(sorted(zip(im.data_tokens_m, im.value - im["std"], im.value + im["std"])))
+    assert got_bars.shape == (3, 3) and np.allclose(got_bars, want_bars)
     rr = df[df.source == "reproduction"]
     assert set(rr.profile) == {"mini"} and rr.run_id.str.startswith("mini/eval/fixture").all()
 
