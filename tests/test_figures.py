@@ -338,21 +338,19 @@ def test_fig6_from_conversations_file(tmp_path):
     assert list(df2.conversation_id.unique()) == ["c3", "c5"]
 
 def test_fig7_embeds_screenshot_or_says_missing(tmp_path):
-    df = F.fig7_rating_page(out_dir=tmp_path)
+    df = F.fig7_rating_page(screenshot=tmp_path / "fig7_rating_page.png", out_dir=tmp_path)
     assert df.status[0] == "missing" and "not yet captured" in df.attrs["notes"][0]
     assert not list(tmp_path.glob("fig7_rating_interface.*"))          # nothing faked
     img = np.zeros((40, 80, 3)); img[:, :40] = 1.0
     plt.imsave(tmp_path / "fig7_rating_page.png", img)
-    df = F.fig7_rating_page(out_dir=tmp_path, cfg=FAST)
+    df = F.fig7_rating_page(out_dir=tmp_path, cfg=FAST)               # found in out_dir
     assert df.status[0] == "embedded" and (df.width[0], df.height[0]) == (80, 40)
     assert (tmp_path / "fig7_rating_interface.png").exists()
 
 # ---------------------------------------------------------------- everything + README
 def _fake_runs(root: Path):
     "A runs/ tree shaped like the stages' output: results.csv, a sources run, two generate runs (TEST FIXTURE)."
-    res_csv = root / "mini" / "eval_fixture" / "r1" / "results.csv"; res_csv.parent.mkdir(parents=True)
-    # written with pandas: core.append_results (b21f8c7..8daa62a) rejects `data_tokens_m` as a secret-looking key
-    fixture_results().reindex(columns=core.RESULT_COLUMNS).to_csv(res_csv, index=False)
+    core.append_results(fixture_results().to_dict("records"), root / "mini" / "eval_fixture" / "r1" / "results.csv")
     src = root / "mini" / "sources" / "s1"; src.mkdir(parents=True)
     convs = [{"id": f"sharegpt:{i}", "source": "sharegpt", "messages": [
                 {"role": "user", "content": f"Fixture question number {i}: please explain photosynthesis simply."},
@@ -376,7 +374,9 @@ def test_make_all_figures_paper_only_and_with_runs(tmp_path):
     assert "no reproduction results yet" in readme
     for name, title in F.ITEMS: assert title in readme
     assert out["fig4_capabilities"] == [tmp_path / "p" / "fig4_capabilities.png"]
-    assert out["fig2_side_by_side"] == [] and out["fig7_rating_interface"] == []
+    assert out["fig2_side_by_side"] == []
+    shot = ROOT / "figures" / "fig7_rating_page.png"           # the human stage's real screenshot, once captured
+    assert bool(out["fig7_rating_interface"]) == shot.exists()
     # a runs/ tree (IMITATION_NB_RUNS points into tmp_path): results, conversations and generations are found
     _fake_runs(core.runs_dir())
     out = F.make_all_figures(core.load_results(profile="mini"), source="both", profile="mini", out_dir=tmp_path / "b", cfg=FAST)
