@@ -132,31 +132,33 @@ def test_kill_and_resume_matches_uninterrupted(data, tmp_path):
     assert max(A[k].abs().max().item() for k in A if "lora_B" in k) > 0
 
 
-def test_nested_budget_adapter_equals_a_run_on_the_prefix(data, tmp_path):
+def test_nested_budget_adapter_equals_a_run_on_the_prefix(tmp_path):
     from safetensors.torch import load_file
-    convs = load_conversations(data / "train.jsonl", 8)
-    cfg = tiny_cfg(max_steps=-1, max_train_conversations=8, block_size=256, per_device_batch_size=2)
-    # a budget covering the first 3 conversations (by our own trained-token count)
     from imitation_nb.finetune import encode_conversations
     from imitation_nb.models import load_tokenizer
+    convs = [dict(c, order=i) for i, c in enumerate(sharegpt_sample(3, max_chars=500))]
+    append_jsonl(tmp_path / "all.jsonl", convs)
+    append_jsonl(tmp_path / "prefix.jsonl", convs[:2])
+    cfg = tiny_cfg(max_steps=-1, max_train_conversations=0, block_size=96, per_device_batch_size=2)
+    # a budget covering exactly the first 2 conversations (by our own trained-token count)
     enc = encode_conversations(load_tokenizer(SPEC), convs)
-    b = sum(e["n_trained"] for e in enc[:3]) / 1e6
-    full = finetune(SPEC, data / "train.jsonl", cfg, tmp_path / "full", save_at_budgets_m=[b])
-    assert full["budgets"][f"{b:g}"]["conversations"] == 3 and full["budgets"][f"{b:g}"]["saved"]
-    append_jsonl(tmp_path / "prefix.jsonl", [dict(c, order=i) for i, c in enumerate(convs[:3])])
+    b = sum(e["n_trained"] for e in enc[:2]) / 1e6
+    full = finetune(SPEC, tmp_path / "all.jsonl", cfg, tmp_path / "full", save_at_budgets_m=[b])
+    assert full["budgets"][f"{b:g}"]["conversations"] == 2 and full["budgets"][f"{b:g}"]["saved"]
     small = finetune(SPEC, tmp_path / "prefix.jsonl", cfg, tmp_path / "small")
+    assert small["steps"] == full["budgets"][f"{b:g}"]["step"] < full["steps"]
     A = load_file(str(tmp_path / "full" / "adapters" / f"{b:g}" / "adapter_model.safetensors"))
     B = load_file(str(tmp_path / "small" / "adapter" / "adapter_model.safetensors"))
     F = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
-    assert max((A[k] - B[k]).abs().max().item() for k in A) < 1e-6
-    assert max((A[k] - F[k]).abs().max().item() for k in A) > 1e-4      # the full run went further
+    assert max((A[k] - B[k]).abs().max().item() for k in A) < 1e-5
+    assert max((A[k] - F[k]).abs().max().item() for k in A) > 1e-5      # the full run went further
 
 
 def test_merge_matches_adapter_logits(data, tmp_path):
     from imitation_nb.models import load_model, load_tokenizer
     from transformers import AutoModelForCausalLM
     run = tmp_path / "r"
-    finetune(SPEC, data / "train.jsonl", tiny_cfg(max_steps=2), run)
+    finetune(SPEC, data / "train.jsonl", tiny_cfg(max_steps=2, block_size=64), run)
     merged = merge_adapter(SPEC, run / "adapter", tmp_path / "merged")
     tok = load_tokenizer(SPEC)
     ids = tok("Explain why the sky is blue.", return_tensors="pt").input_ids
