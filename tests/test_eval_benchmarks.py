@@ -184,7 +184,7 @@ def gen():
 
 def test_batched_generation_equals_single(gen):
     items = [{"id": str(i), "prompt": p} for i, p in enumerate(
-        ["Answer these questions:\nQ: what is the capital of france?\nA:", "def add(a, b):\n    \"\"\"Add two numbers.\"\"\"\n",
+        ["Q: What is the capital of France?\nA:", "def add(a, b):\n    \"\"\"Add two numbers.\"\"\"\n",
          "The tallest mountain in the world is"])]
     b = gen.generate(items, max_new_tokens=16, stop=["\n\n"], progress=False)
     s = [gen.generate([it], max_new_tokens=16, stop=["\n\n"], progress=False)[0] for it in items]
