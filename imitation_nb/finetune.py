@@ -82,11 +82,12 @@ def load_conversations(path, limit: int = 0) -> list[dict]:
     for i, r in enumerate(recs):
         if "messages" not in r:      # question/answer pairs (e.g. NQ-synthetic) become one-turn conversations
             q = next((r[k] for k in ("question", "prompt", "instruction") if r.get(k)), None)
-            a = next((r[k] for k in ("answer", "response", "completion", "output") if r.get(k)), None)
+            a = next((r[k] for k in ("answer", "response", "completion", "output", "reference") if r.get(k)), None)
             if q is None or a is None:
                 raise ValueError(f"{p}: record {i} (id {r.get('id')}): no 'messages' and no question/answer fields")
             r = {**r, "messages": [{"role": "user", "content": str(q)}, {"role": "assistant", "content": str(a)}]}
-        msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in list(r["messages"])]
+        raw = json.loads(r["messages"]) if isinstance(r["messages"], str) else r["messages"]   # parquet: JSON text
+        msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in list(raw)]
         bad = [m["role"] for m in msgs if m["role"] not in ("system", "user", "assistant")]
         if bad or not msgs: raise ValueError(f"{p}: record {i} (id {r.get('id')}): bad roles {bad} or no messages")
         c = {"id": str(r.get("id", i)), "messages": msgs}
