@@ -1,0 +1,170 @@
+"""Done-when tests of issue 5 (fine-tuning). Real models (SmolLM2-135M-Instruct, Gemma 3 270M's tokenizer), real
+ShareGPT conversations, real optimizer steps; kept short (few steps, short blocks)."""
+import json, os, signal, subprocess, sys, time
+from pathlib import Path
+
+import pytest
+import torch
+
+from imitation_nb.core import append_jsonl
+from imitation_nb.finetune import (MaskingAuditError, audit_masking, finetune, heldout_loss, load_conversations,
+                                   merge_adapter, sharegpt_sample)
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = "smollm2-135m-instruct"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+# an assistant turn that quotes the user's question after the answer: user text inside the trained turn
+BROKEN_ECHO = ("{% for message in messages %}{% if message['role'] == 'assistant' %}"
+               "{{ '<|im_start|>assistant\\n' + message['content'] + '\\n(in reply to: ' + messages[loop.index0 - 1]['content'] + ')<|im_end|>\\n' }}"
+               "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}"
+               "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# an assistant turn rendered without its content (nothing of the teacher would be learned)
+BROKEN_DROP = ("{% for message in messages %}{% if message['role'] == 'assistant' %}"
+               "{{ '<|im_start|>assistant\\n' + message['content'][:3] + '<|im_end|>\\n' }}"
+               "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}"
+               "{% endfor %}")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ftdata")
+    train = [dict(c, order=i) for i, c in enumerate(sharegpt_sample(40, max_chars=2500))]
+    append_jsonl(d / "train.jsonl", train)
+    append_jsonl(d / "heldout.jsonl", sharegpt_sample(6, skip=300, max_chars=1500))
+    return d
+
+
+def tiny_cfg(**kw):
+    base = dict(method="lora", block_size=32, per_device_batch_size=1, grad_accum=1, max_steps=4, save_steps=2,
+                lr=2e-3, lora_dropout=0.05, audit_examples=3, heldout_max_examples=0, torch_threads=2,
+                max_train_conversations=20)
+    base.update(kw)
+    return base
+
+
+def test_masking_audit_real_templates_pass_broken_fail():
+    from imitation_nb.models import load_tokenizer
+    convs = sharegpt_sample(5)
+    tok = load_tokenizer(SPEC)
+    st = audit_masking(tok, convs, None, n=5)
+    assert st["ok"] and st["assistant_tokens"] > 200
+    for broken in (BROKEN_ECHO, BROKEN_DROP):
+        with pytest.raises(MaskingAuditError):
+            audit_masking(tok, convs, broken, n=5)
+    gtok = load_tokenizer("gemma3-270m")
+    st = audit_masking(gtok, convs, "gemma3-plain", n=5)
+    assert st["ok"] and st["assistant_tokens"] > 200
+
+
+def test_packed_document_is_independent_on_the_real_model():
+    from imitation_nb.models import load_model, load_tokenizer
+    tok = load_tokenizer(SPEC)
+    m = load_model(SPEC, dtype="float32")
+    a = tok("The cat sat on the mat and looked at the birds outside.", return_tensors="pt").input_ids
+    b = tok("Photosynthesis turns light into chemical energy.", return_tensors="pt").input_ids
+    pos = torch.cat([torch.arange(a.shape[1]), torch.arange(b.shape[1])])[None]
+    with torch.no_grad():
+        lp = m(input_ids=torch.cat([a, b], 1), position_ids=pos, use_cache=False).logits[0, a.shape[1]:]
+        lb = m(input_ids=b, use_cache=False).logits[0]
+    assert (lp - lb).abs().max().item() < 1e-4
+
+
+def test_smoke_qlora_heldout_falls_and_adapter_reloads(data, tmp_path):
+    from imitation_nb.models import load_model, load_tokenizer
+    out = tmp_path / "run"
+    s = finetune(SPEC, data / "train.jsonl", tiny_cfg(method="qlora", block_size=96, per_device_batch_size=2,
+                                                       max_steps=4, heldout_max_examples=4, heldout_max_length=128,
+                                                       max_train_conversations=40),
+                 out, heldout_data=data / "heldout.jsonl")
+    assert s["params"]["trainable"] < 0.1 * s["params"]["total"]
+    assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "masking_audit.txt").exists()
+    log = [json.loads(l) for l in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    held = json.loads((out / "heldout.json").read_text())
+    b, a = held["base"], held["after_final"]
+    diffs = [x - y for x, y in zip(b["per_conversation"], a["per_conversation"])]
+    # measurably lower: mean drop > 0.02 nats/token and lower on most held-out conversations
+    assert b["loss"] - a["loss"] > 0.02, (b["loss"], a["loss"])
+    assert sum(d > 0 for d in diffs) >= len(diffs) - 1, diffs
+    # the saved adapter reloads (on a freshly quantized base) with identical logits -> identical loss
+    tok = load_tokenizer(SPEC)
+    m = load_model(SPEC, quantization="nf4", adapter=str(out / "adapter"))
+    again = heldout_loss(m, tok, load_conversations(data / "heldout.jsonl", 4), None, 128)
+    assert abs(again["loss"] - a["loss"]) < 1e-5, (again["loss"], a["loss"])
+
+
+def _run_script(out, cfg, budgets=None, train=None):
+    return (f"import torch; torch.set_num_threads(2)\n"
+            f"from imitation_nb.finetune import finetune\n"
+            f"finetune({SPEC!r}, {str(train)!r}, {cfg!r}, {str(out)!r}, save_at_budgets_m={budgets!r})\n")
+
+
+def test_kill_and_resume_matches_uninterrupted(data, tmp_path):
+    from safetensors.torch import load_file
+    cfg = tiny_cfg()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    ref = tmp_path / "ref"
+    finetune(SPEC, data / "train.jsonl", cfg, ref)
+    out = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, "-c", _run_script(out, cfg, train=data / "train.jsonl")], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists():
+        assert p.poll() is None, "training process ended before its first checkpoint"
+        assert time.time() - t0 < 900
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL); p.wait()
+    assert not (out / "adapter").exists()            # killed before the end
+    logged = [json.loads(l)["step"] for l in (out / "train_log.jsonl").read_text().splitlines()]
+    assert max(logged) < 4
+    r = subprocess.run([sys.executable, "-c", _run_script(out, cfg, train=data / "train.jsonl")], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summ = json.loads((out / "summary.json").read_text())
+    assert summ["resumed_from_step"] >= 2
+    A = load_file(str(ref / "adapter" / "adapter_model.safetensors"))
+    B = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert A.keys() == B.keys()
+    assert max((A[k] - B[k]).abs().max().item() for k in A) < 1e-5
+    # ... and training moved the weights (the comparison is not vacuous)
+    assert max(A[k].abs().max().item() for k in A if "lora_B" in k) > 0
+
+
+def test_nested_budget_adapter_equals_a_run_on_the_prefix(tmp_path):
+    from safetensors.torch import load_file
+    from imitation_nb.finetune import encode_conversations
+    from imitation_nb.models import load_tokenizer
+    convs = [dict(c, order=i) for i, c in enumerate(sharegpt_sample(3, max_chars=500))]
+    append_jsonl(tmp_path / "all.jsonl", convs)
+    append_jsonl(tmp_path / "prefix.jsonl", convs[:2])
+    cfg = tiny_cfg(max_steps=-1, max_train_conversations=0, block_size=96, per_device_batch_size=2)
+    # a budget covering exactly the first 2 conversations (by our own trained-token count)
+    enc = encode_conversations(load_tokenizer(SPEC), convs)
+    b = sum(e["n_trained"] for e in enc[:2]) / 1e6
+    full = finetune(SPEC, tmp_path / "all.jsonl", cfg, tmp_path / "full", save_at_budgets_m=[b])
+    assert full["budgets"][f"{b:g}"]["conversations"] == 2 and full["budgets"][f"{b:g}"]["saved"]
+    small = finetune(SPEC, tmp_path / "prefix.jsonl", cfg, tmp_path / "small")
+    assert small["steps"] == full["budgets"][f"{b:g}"]["step"] < full["steps"]
+    A = load_file(str(tmp_path / "full" / "adapters" / f"{b:g}" / "adapter_model.safetensors"))
+    B = load_file(str(tmp_path / "small" / "adapter" / "adapter_model.safetensors"))
+    F = load_file(str(tmp_path / "full" / "adapter" / "adapter_model.safetensors"))
+    assert max((A[k] - B[k]).abs().max().item() for k in A) < 1e-5
+    assert max((A[k] - F[k]).abs().max().item() for k in A) > 1e-5      # the full run went further
+
+
+def test_merge_matches_adapter_logits(data, tmp_path):
+    from imitation_nb.models import load_model, load_tokenizer
+    from transformers import AutoModelForCausalLM
+    run = tmp_path / "r"
+    finetune(SPEC, data / "train.jsonl", tiny_cfg(max_steps=2, block_size=64), run)
+    merged = merge_adapter(SPEC, run / "adapter", tmp_path / "merged")
+    tok = load_tokenizer(SPEC)
+    ids = tok("Explain why the sky is blue.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        la = load_model(SPEC, adapter=str(run / "adapter"))(ids).logits
+        lm = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(ids).logits
+        l0 = load_model(SPEC)(ids).logits
+    assert (la - lm).abs().max().item() < 1e-3
+    assert (la - l0).abs().max().item() > 1e-3
