@@ -53,6 +53,7 @@ def main():
     ap.add_argument("--per-subject", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--lm-eval-batch-size", default="8")
+    ap.add_argument("--no-shared-prefix", action="store_true", help="score without reusing the 5-shot prefix KV cache")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from imitation_nb.core import data_dir
@@ -68,7 +69,8 @@ def main():
     t0 = time.perf_counter()
     dev = {s: load_mmlu(s, "dev") for s in subjects}
     prompts = [mmlu_prompt(q, dev[q["subject"]], 5) for q in qs]
-    lp = next_token_logprobs(model, tok, prompts, single_token_ids(tok, [" A", " B", " C", " D"]))
+    lp = next_token_logprobs(model, tok, prompts, single_token_ids(tok, [" A", " B", " C", " D"]),
+                             groups=None if a.no_shared_prefix else [q["subject"] for q in qs])
     ours = mmlu_letter_scores(lp)
     t_ours = time.perf_counter() - t0
     acc_ours = sum(p == q["answer"] for p, q in zip(ours, qs)) / n

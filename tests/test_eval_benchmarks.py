@@ -201,6 +201,10 @@ def test_mmlu_scoring_padding_invariant(gen):
     together = next_token_logprobs(gen.model, gen.tok, prompts, ids, max_batch=3)
     alone = [next_token_logprobs(gen.model, gen.tok, [p], ids)[0] for p in prompts]
     for t, a in zip(together, alone): assert abs(t - a).max() < 1e-3
+    # sharing the 5-shot prefix's KV cache within a subject gives the same log-probs
+    p5 = [mmlu_prompt(q, dev, 5) for q in qs]
+    grouped = next_token_logprobs(gen.model, gen.tok, p5, ids, groups=["astronomy"] * 3)
+    assert abs(grouped - next_token_logprobs(gen.model, gen.tok, p5, ids)).max() < 1e-3
 
 def test_generate_to_file_resumes(gen, tmp_path):
     from imitation_nb.generate import generate_to_file
