@@ -8,6 +8,12 @@ from imitation_nb import core, reproduce as R
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The whole smoke grid (36 papermill stage runs: 3 QLoRA trainings, 7 evaluated models) takes longer than the
+# CI budget allows on 2 cores (measured 2026-11-24: the first training stage alone 17 min on a loaded machine),
+# so it runs only when asked: IMITATION_NB_E2E=1 bash tests/run_all.sh
+pytestmark = pytest.mark.skipif(os.environ.get("IMITATION_NB_E2E") != "1",
+                                reason="end-to-end smoke grid: set IMITATION_NB_E2E=1 to run it (30+ min on 2 cores)")
+
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
