@@ -22,7 +22,7 @@ from .core import (register_section, read_jsonl, append_jsonl, bootstrap_ci, pro
 __all__ = ['JUDGE_SYSTEM', 'JUDGE_USER', 'JUDGE_LETTER_SYSTEM', 'JUDGE_LETTER_ASK', 'VERDICT_NORMAL', 'SCORE', 'JudgeEvalConfig',
            'judge_messages', 'parse_verdict', 'model_outcome', 'combine_orders', 'client_chat_fn', 'judge_pairs',
            'length_controlled_rate', 'n_words', 'judge_summary', 'judge_rows', 'join_inputs', 'profile_judge',
-           'close_client', 'run_judge_stage']
+           'close_client', 'pair_stage_params', 'add_pair_inputs', 'run_judge_stage']
 
 # %% ../nbs/46_eval_judge.ipynb #b85fa5a3
 @register_section("eval_judge")
@@ -273,19 +273,27 @@ def close_client(chat_fn):
     c = getattr(chat_fn, "client", None)
     if c is not None and hasattr(c, "close"): c.close()
 
+def pair_stage_params(stage: str, profile: str, subject: dict, generations_file, references_file, cfg) -> dict:
+    "Check the inputs of a stage comparing a model's answers with the teacher's, and its parameter set."
+    if references_file is None: raise ValueError(f"{stage} needs references_file ({{'id','prompt','reference'}} JSONL)")
+    if generations_file is None and subject.get("role") != "teacher2":
+        raise ValueError(f"{stage} needs generations_file (only a 'teacher2' subject is read from the references)")
+    return {"profile": profile, "subject": subject, "generations_file": str(generations_file) if generations_file else None,
+            "references_file": str(references_file), "config": dataclasses.asdict(cfg), "seed": cfg.seed}
+
+def add_pair_inputs(run, generations_file, references_file):
+    "Record the content hashes of a pairwise stage's inputs in its manifest."
+    if generations_file: run.add_input("generations", generations_file)
+    run.add_input("references", references_file)
+
 def run_judge_stage(profile: str, subject: dict, generations_file=None, references_file=None, run_dir=None,
                     chat_fn: Callable | None = None, judge_identity: str | None = None) -> Path:
     "The stage: join inputs, judge both orders (resumable), summarise, write rows stamped with the judge identity."
     from imitation_nb.core import load_profile, StageRun
     prof = load_profile(profile); cfg = prof.section("eval_judge")
-    if references_file is None: raise ValueError("eval_judge needs references_file ({'id','prompt','reference'} JSONL)")
-    if generations_file is None and subject.get("role") != "teacher2":
-        raise ValueError("eval_judge needs generations_file (only a 'teacher2' subject is read from the references)")
-    params = {"profile": profile, "subject": subject, "generations_file": str(generations_file) if generations_file else None,
-              "references_file": str(references_file), "config": dataclasses.asdict(cfg), "seed": cfg.seed}
+    params = pair_stage_params("eval_judge", profile, subject, generations_file, references_file, cfg)
     with StageRun("eval_judge", params, profile=profile, run_dir=run_dir) as run:
-        if generations_file: run.add_input("generations", generations_file)
-        run.add_input("references", references_file)
+        add_pair_inputs(run, generations_file, references_file)
         items, counts = join_inputs(generations_file, references_file, cfg.n_prompts)
         if chat_fn is None:
             chat_fn, judge_identity = profile_judge(prof, max_tokens=cfg.max_tokens if cfg.prompt_style == "vicuna" else 8)

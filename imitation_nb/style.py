@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .core import register_section, bootstrap_ci, proportion_row, subject_fields, atomic_write_text, to_json, read_jsonl
-from .eval_judge import join_inputs, client_chat_fn, close_client
+from .eval_judge import join_inputs, client_chat_fn, close_client, pair_stage_params, add_pair_inputs
 
 # %% auto #0
 __all__ = ['LIST_ITEM', 'SUMMARY_CUES', 'TONE_PROMPT', 'METRICS', 'StyleConfig', 'strip_code', 'is_list_item', 'has_list',
@@ -179,14 +179,9 @@ def run_style_stage(profile: str, subject: dict, generations_file=None, referenc
     "The stage: join inputs, detectors + overlap + length, judge tone, write rows."
     from imitation_nb.core import load_profile, StageRun
     prof = load_profile(profile); cfg = prof.section("style")
-    if references_file is None: raise ValueError("style needs references_file ({'id','prompt','reference'} JSONL)")
-    if generations_file is None and subject.get("role") != "teacher2":
-        raise ValueError("style needs generations_file (only a 'teacher2' subject is read from the references)")
-    params = {"profile": profile, "subject": subject, "generations_file": str(generations_file) if generations_file else None,
-              "references_file": str(references_file), "config": dataclasses.asdict(cfg), "seed": cfg.seed}
+    params = pair_stage_params("style", profile, subject, generations_file, references_file, cfg)
     with StageRun("style", params, profile=profile, run_dir=run_dir) as run:
-        if generations_file: run.add_input("generations", generations_file)
-        run.add_input("references", references_file)
+        add_pair_inputs(run, generations_file, references_file)
         items, counts = join_inputs(generations_file, references_file, cfg.n_prompts)
         tone = raw = None
         if cfg.authoritative:
