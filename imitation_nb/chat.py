@@ -70,11 +70,11 @@ def render_chat(tokenizer, messages, template: Optional[str] = None, add_generat
                                          add_generation_prompt=add_generation_prompt)
 
 # %% ../nbs/02_chat.ipynb #9df7b511
-def assistant_char_spans(tokenizer, messages, template: Optional[str] = None) -> tuple[str, list[tuple[int, int, int]]]:
-    """Rendered text and, per assistant turn, `(start, content_end, end)` character offsets: `start` is where
-    the generation prompt ends (the content follows, after optional whitespace), `content_end` where the
-    content ends, `end` the end of the turn including its end-of-turn marker."""
-    text = render_chat(tokenizer, messages, template)
+_MARK = "\ue000{}\ue001"        # private-use characters: stand-ins for message contents in a skeleton render
+_SKELETONS: dict = {}           # (template, special tokens, roles) -> skeleton text, marker offsets, spans
+
+def _prefix_spans(tokenizer, messages, template, text) -> list[tuple[int, int, int]]:
+    "Assistant spans by rendering `messages[:i]` (+ generation prompt) and `messages[:i+1]` for each assistant turn."
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant": continue
@@ -89,18 +89,55 @@ def assistant_char_spans(tokenizer, messages, template: Optional[str] = None) ->
             raise ValueError(f"assistant content of turn {i} does not follow the generation prompt "
                              f"(template adds text between them: {text[start:start + 30]!r})")
         spans.append((start, cs + len(m["content"]), end))
-    return text, spans
+    return spans
+
+def _skeleton(tokenizer, messages, template):
+    "The rendering of this role sequence with placeholder contents (cached), or None if the template hides them."
+    tmpl = template_for(tokenizer, template)
+    roles = tuple(m["role"] for m in messages)
+    key = (tmpl, repr(sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())), roles)
+    if key not in _SKELETONS:
+        sk = [{"role": r, "content": _MARK.format(i)} for i, r in enumerate(roles)]
+        text = render_chat(tokenizer, sk, template)
+        pos = [text.find(m["content"]) for m in sk]
+        ok = all(p >= 0 and text.count(m["content"]) == 1 for p, m in zip(pos, sk)) and pos == sorted(pos)
+        _SKELETONS[key] = (text, pos, _prefix_spans(tokenizer, sk, template, text)) if ok else None
+    return _SKELETONS[key]
+
+def assistant_char_spans(tokenizer, messages, template: Optional[str] = None) -> tuple[str, list[tuple[int, int, int]]]:
+    """Rendered text and, per assistant turn, `(start, content_end, end)` character offsets: `start` is where
+    the generation prompt ends (the content follows, after optional whitespace), `content_end` where the
+    content ends, `end` the end of the turn including its end-of-turn marker."""
+    text = render_chat(tokenizer, messages, template)
+    sk = None if any("\ue000" in m["content"] for m in messages) else _skeleton(tokenizer, messages, template)
+    if sk is not None:
+        sk_text, pos, sk_spans = sk
+        parts, shift, prev = [], [0], 0      # shift[j]: offset added to skeleton positions after marker j-1
+        for j, (p, m) in enumerate(zip(pos, messages)):
+            parts += [sk_text[prev:p], m["content"]]; prev = p + len(_MARK.format(j))
+            shift.append(shift[-1] + len(m["content"]) - len(_MARK.format(j)))
+        parts.append(sk_text[prev:])
+        if "".join(parts) == text:            # the template used the contents verbatim: map the skeleton's spans
+            import bisect
+            real = lambda q: q + shift[bisect.bisect_right(pos, q - 1)]   # markers that start before q
+            out = []
+            for (s, cs, e), i in zip(sk_spans, [i for i, m in enumerate(messages) if m["role"] == "assistant"]):
+                c0 = real(pos[i]); out.append((real(s), c0 + len(messages[i]["content"]), real(e)))
+            return text, out
+    return text, _prefix_spans(tokenizer, messages, template, text)   # content-dependent template: render prefixes
 
 def tokenize_chat(tokenizer, messages, template: Optional[str] = None, max_length: Optional[int] = None) -> dict:
     """`input_ids` of the rendered conversation and `assistant_mask` (1 = trained: assistant content and its
     end-of-turn marker; 0 = user/system turns and role headers). Truncated to `max_length` tokens if given."""
+    import numpy as np
     text, spans = assistant_char_spans(tokenizer, messages, template)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offs = enc["input_ids"], enc["offset_mapping"]
-    mask = [0] * len(ids)
-    for s, _, e in spans:   # a token is trained if it overlaps the turn (a leading-space token included)
-        for t, (a, b) in enumerate(offs):
-            if b > a and a < e and b > s: mask[t] = 1
+    ids = enc["input_ids"]
+    o = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    a, b = o[:, 0], o[:, 1]
+    mask = np.zeros(len(ids), bool)
+    for s, _, e in spans: mask |= (b > a) & (a < e) & (b > s)   # overlaps the turn (a leading-space token included)
+    mask = mask.astype(int).tolist()
     if max_length is not None: ids, mask = ids[:max_length], mask[:max_length]
     return {"input_ids": ids, "assistant_mask": mask, "n_tokens": len(ids), "n_assistant_tokens": sum(mask)}
 
