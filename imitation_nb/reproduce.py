@@ -15,9 +15,10 @@ from .core import (Profile, load_profile, runs_dir, nbs_dir, project_root, stabl
                                read_manifest, append_jsonl, now_iso, check_no_secrets, cache_dir)
 
 # %% auto #0
-__all__ = ['STAGE_NOTEBOOKS', 'EVAL_STAGES', 'ALWAYS_RUN', 'KNOWN_ARCH', 'ASSUMED_TRAIN_MFU', 'ASSUMED_DECODE_MFU', 'StagePlan',
-           'subject_for', 'plan', 'arch_for', 'lora_params', 'training_flops', 'memory_gb', 'estimate', 'bill',
-           'papermill_command', 'status', 'StageFailed', 'execute', 'run_plan', 'reproduce_cli']
+__all__ = ['STAGE_NOTEBOOKS', 'EVAL_STAGES', 'ALWAYS_RUN', 'KNOWN_ARCH', 'ASSUMED_TRAIN_MFU', 'ASSUMED_DECODE_MFU',
+           'STAGE_DIRECTIVES', 'StagePlan', 'subject_for', 'plan', 'arch_for', 'lora_params', 'training_flops',
+           'memory_gb', 'estimate', 'bill', 'papermill_command', 'status', 'StageFailed', 'stage_notebook',
+           'stage_notebook_path', 'write_stage_notebook', 'execute', 'run_plan', 'reproduce_cli']
 
 # %% ../nbs/90_reproduce.ipynb #68cf240e
 STAGE_NOTEBOOKS = {
@@ -233,7 +234,8 @@ def bill(prof: Profile, P: list[StagePlan]) -> str:
 
 # %% ../nbs/90_reproduce.ipynb #c1098980
 def papermill_command(sp: StagePlan) -> str:
-    "The equivalent shell command (for SLURM, Ray or any scheduler)."
+    """The equivalent shell command (for SLURM, Ray or any scheduler). It runs the source notebook, examples
+    included; the driver itself runs `stage_notebook`'s copy without them (same code, same parameters)."""
     args = ["papermill", str(sp.notebook.relative_to(project_root())), str(sp.run_dir / f"{sp.stage}.ipynb"),
             "--cwd", "nbs", "-k", "python3"]
     for k, v in {**sp.params, "run_dir": str(sp.run_dir)}.items():
@@ -247,6 +249,39 @@ def status(sp: StagePlan) -> str:
 
 class StageFailed(RuntimeError): pass
 
+STAGE_DIRECTIVES = {"export", "exports", "exporti", "stage"}
+
+def _directives(src: str) -> set[str]:
+    "nbdev directives (`#| export`, `#|stage`, ...) at the top of a code cell."
+    out = set()
+    for line in src.lstrip().splitlines():
+        if not line.startswith("#|"): break
+        out.update(line[2:].replace(":", " ").split()[:1])
+    return out
+
+def stage_notebook(src: Path) -> dict:
+    """The notebook a stage run executes: the source notebook's prose, exported code, `parameters` cell and
+    `#| stage` cells. Its examples and tests are left out (nbdev-test runs them; a stage run should not pay for
+    them, nor re-export the package from its last `nbdev_export()` cell)."""
+    nb = json.loads(Path(src).read_text())
+    keep = lambda c: (c["cell_type"] != "code" or "parameters" in c.get("metadata", {}).get("tags", [])
+                      or bool(_directives("".join(c["source"])) & STAGE_DIRECTIVES))
+    nb["cells"] = [c for c in nb["cells"] if keep(c)]
+    if not any("parameters" in c.get("metadata", {}).get("tags", []) for c in nb["cells"]):
+        raise StageFailed(f"{src}: no cell tagged 'parameters' (papermill injects the stage's parameters after it)")
+    return nb
+
+def stage_notebook_path(sp: StagePlan) -> Path:
+    "Where the stage's notebook is written: `<runs>/<profile>/_notebooks/<name>` (next to the runs it produced)."
+    return sp.run_dir.parent.parent / "_notebooks" / sp.notebook.name
+
+def write_stage_notebook(sp: StagePlan) -> Path:
+    from imitation_nb.core import atomic_write_text
+    dest = stage_notebook_path(sp); dest.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(stage_notebook(sp.notebook), indent=1, ensure_ascii=False) + "\n"
+    if not dest.exists() or dest.read_text() != text: atomic_write_text(dest, text)
+    return dest
+
 def execute(sp: StagePlan, log=print, kernel: str = "python3") -> dict:
     "Run one stage notebook with papermill inside its run directory; keep the executed notebook as the record."
     import papermill as pm
@@ -255,8 +290,10 @@ def execute(sp: StagePlan, log=print, kernel: str = "python3") -> dict:
     out = sp.run_dir / f"{sp.stage}.ipynb"
     t0 = time.time()
     try:
-        pm.execute_notebook(str(sp.notebook), str(out), parameters={**sp.params, "run_dir": str(sp.run_dir)},
+        src = write_stage_notebook(sp)
+        pm.execute_notebook(str(src), str(out), parameters={**sp.params, "run_dir": str(sp.run_dir)},
                             cwd=str(nbs_dir()), kernel_name=kernel, progress_bar=False, log_output=False)
+    except StageFailed: raise
     except Exception as e:
         msg = str(e).strip().splitlines()
         raise StageFailed(f"{sp.key} failed after {time.time() - t0:.0f} s: {msg[-1] if msg else type(e).__name__}\n"

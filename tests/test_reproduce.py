@@ -104,3 +104,18 @@ def test_a_failed_stage_keeps_its_notebook_blocks_dependents_and_exits_nonzero(t
     assert "fixture asked to fail" in (tmp_path / "runs" / "d" / "fixture.ipynb").read_text()
     assert "executed notebook (with the error)" in r.stdout
     assert core.read_manifest(tmp_path / "runs" / "d")["status"] == "failed"
+
+
+def test_stage_copies_keep_parameters_code_and_stage_cells_but_no_examples():
+    P = R.plan("smoke", root="/tmp/imitation_nb_stage_copies")
+    for nb in sorted({sp.notebook for sp in P}):
+        copy = R.stage_notebook(nb)
+        srcs = ["".join(c["source"]) for c in copy["cells"] if c["cell_type"] == "code"]
+        assert any("parameters" in c.get("metadata", {}).get("tags", []) for c in copy["cells"]), nb
+        assert any(s.startswith("#| stage") for s in srcs), nb
+        assert not any("nbdev_export" in s or "test_eq(" in s for s in srcs), nb
+        n_src = sum(c["cell_type"] == "code" for c in json.loads(nb.read_text())["cells"])
+        assert len(srcs) < n_src, nb
+    nb = ROOT / "tests" / "reproduce_fixtures" / "stage_fixture.ipynb"
+    srcs = ["".join(c["source"]) for c in R.stage_notebook(nb)["cells"]]
+    assert not any("an example cell ran" in s for s in srcs) and any("StageRun(" in s for s in srcs)
