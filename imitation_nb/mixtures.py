@@ -39,6 +39,7 @@ class MixturesConfig:
     budget_unit: Literal["assistant", "total"] = "assistant"  # which token count defines a budget
     heldout_n: int = 200                 # held-out ShareGPT conversations (teacher references)
     heldout_source: str = "sharegpt"
+    heldout_max_prompt_chars: int = 0    # >0: only first turns this short are held out (CPU profiles: short prompts to answer)
     tokenize_all: bool = True            # tokenize the whole pool (full stats); False: only as far as the largest budget
     batch_size: int = 256
     decontam_n: int = 13                 # n-gram length (words)
@@ -57,11 +58,14 @@ def parent_id(cid: str) -> str:
     m = re.match(r"^(.*)_\d+$", cid)
     return m.group(1) if m else cid
 
-def split_heldout(convs: list[dict], n: int, seed: int, source: str = "sharegpt") -> tuple[list[dict], list[dict]]:
-    "Return `(train, heldout_rows)`; every part of a held-out conversation is excluded from train."
+def split_heldout(convs: list[dict], n: int, seed: int, source: str = "sharegpt",
+                  max_prompt_chars: int = 0) -> tuple[list[dict], list[dict]]:
+    """Return `(train, heldout_rows)`; every part of a held-out conversation is excluded from train.
+    `max_prompt_chars` > 0 holds out only conversations whose first user turn is at most that long."""
+    short = lambda c: not max_prompt_chars or len(c["messages"][0]["content"]) <= max_prompt_chars
     cands = sorted((c for c in convs if c["source"] == source and re.search(r"_0$", c["id"])
                     and c["messages"][0]["role"] == "user" and len(c["messages"]) >= 2
-                    and c["messages"][1]["role"] == "assistant"), key=lambda c: c["id"])
+                    and c["messages"][1]["role"] == "assistant" and short(c)), key=lambda c: c["id"])
     if not cands: cands = sorted((c for c in convs if c["source"] == source and c["messages"][0]["role"] == "user"),
                                  key=lambda c: c["id"])
     picked = random.Random(seed).sample(cands, min(n, len(cands)))
@@ -468,7 +472,7 @@ def prepare_mixture(convs: list[dict], tokenizer, budgets_m: list[float], cfg: M
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     if not convs: raise ValueError("no conversations to mix: the sources stage kept nothing (see its audit.csv)")
     T = {}; t = time.time()
-    train, held = split_heldout(convs, cfg.heldout_n, seed, cfg.heldout_source)
+    train, held = split_heldout(convs, cfg.heldout_n, seed, cfg.heldout_source, cfg.heldout_max_prompt_chars)
     T["heldout"] = time.time() - t; t = time.time()
     summary = {"pool_conversations": len(convs), "heldout": len(held), "train_candidates": len(train)}
     if cfg.bleu_filter:

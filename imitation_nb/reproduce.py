@@ -16,9 +16,9 @@ from .core import (Profile, load_profile, runs_dir, nbs_dir, project_root, stabl
 
 # %% auto #0
 __all__ = ['STAGE_NOTEBOOKS', 'EVAL_STAGES', 'ALWAYS_RUN', 'KNOWN_ARCH', 'ASSUMED_TRAIN_MFU', 'ASSUMED_DECODE_MFU',
-           'STAGE_DIRECTIVES', 'StagePlan', 'subject_for', 'plan', 'arch_for', 'lora_params', 'training_flops',
-           'memory_gb', 'estimate', 'bill', 'papermill_command', 'status', 'StageFailed', 'stage_notebook',
-           'stage_notebook_path', 'write_stage_notebook', 'execute', 'run_plan', 'reproduce_cli']
+           'STAGE_DIRECTIVES', 'THREAD_VARS', 'StagePlan', 'subject_for', 'plan', 'arch_for', 'lora_params',
+           'training_flops', 'memory_gb', 'estimate', 'bill', 'papermill_command', 'status', 'StageFailed',
+           'stage_notebook', 'stage_notebook_path', 'write_stage_notebook', 'execute', 'run_plan', 'reproduce_cli']
 
 # %% ../nbs/90_reproduce.ipynb #68cf240e
 STAGE_NOTEBOOKS = {
@@ -303,6 +303,17 @@ def execute(sp: StagePlan, log=print, kernel: str = "python3") -> dict:
     return {"seconds": time.time() - t0}
 
 # %% ../nbs/90_reproduce.ipynb #494f5f96
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+def _split_threads(parallel: int) -> dict:
+    """With several stage runs at once, give each kernel its share of the cores (kernels inherit the environment;
+    torch reads OMP_NUM_THREADS) unless the user set the variables. Returns the previous values."""
+    old = {k: os.environ.get(k) for k in THREAD_VARS}
+    if parallel > 1 and all(v is None for v in old.values()):
+        n = str(max(1, (os.cpu_count() or 1) // parallel))
+        for k in THREAD_VARS: os.environ[k] = n
+    return old
+
 def run_plan(P: list[StagePlan], only: str | None = None, force: bool = False, parallel: int = 1,
              log=print, keep_going: bool = True) -> dict:
     """Execute the plan: skip finished runs (unless `force`), run ready stages (all deps done) with up to
@@ -316,6 +327,7 @@ def run_plan(P: list[StagePlan], only: str | None = None, force: bool = False, p
             state[sp.key] = "done"; log(f"[skip] {sp.label} (done: {sp.run_dir})")
         else: state[sp.key] = "todo"
     times, lock = {}, threading.Lock()
+    threads = _split_threads(parallel)
     def ready(sp): return state[sp.key] == "todo" and all(state.get(d) in ("done", "skipped") for d in sp.deps if d in by_key) \
         and not any(state.get(d) == "skipped" and status(by_key[d]) != "done" for d in sp.deps if d in by_key)
     def blocked(sp): return state[sp.key] == "todo" and any(state.get(d) in ("failed", "blocked") for d in sp.deps)
@@ -341,6 +353,9 @@ def run_plan(P: list[StagePlan], only: str | None = None, force: bool = False, p
                     if not keep_going: [f.cancel() for f in running]; break
                 append_jsonl(sp.run_dir.parent.parent / "reproduce_log.jsonl",
                              {"time": now_iso(), "key": key, "stage": sp.stage, "status": state[key], "seconds": times.get(key)})
+    for k, v in threads.items():                     # restore the caller's environment
+        if v is None: os.environ.pop(k, None)
+        else: os.environ[k] = v
     state["_times"] = times
     return state
 
