@@ -1140,6 +1140,11 @@ def make_all_figures(results=None, source: str = "both", out_dir=None, profile=N
     if frames["fig7_rating_interface"] is None: notes["fig7_rating_interface"] = f7.attrs["notes"][0]
     out = {name: [Path(p) for p in (frames.get(name).attrs.get("paths", []) if frames.get(name) is not None else [])] for name, _ in ITEMS}
     readme = render_readme(sel, frames, notes, out, out_dir, source)
+    if not sel.repro.empty:     # the reproduction rows drawn, next to the figures (run directories are not committed)
+        core.atomic_write_text(out_dir / "reproduction_results.csv", sel.repro.to_csv(index=False))
+        out["reproduction_results"] = [out_dir / "reproduction_results.csv"]
+        readme += ("\n\nThe reproduction rows drawn here (the long results table, one row per metric and run) are in "
+                   "[reproduction_results.csv](reproduction_results.csv).\n")
     core.atomic_write_text(out_dir / "README.md", readme)
     out["README"] = [out_dir / "README.md"]
     return out
