@@ -26,7 +26,9 @@ FIXTURE_PROFILE = "mini"   # a real profile, so the grid (data-sweep base, size 
 DATA_BASE = dict(model_family="Gemma-3", base_params_b=0.268, label="Gemma-3-270M")
 SMALL_BASE = dict(model_family="SmolLM2", base_params_b=0.135, label="SmolLM2-135M")
 TEACHER = "FixtureTeacher-1B"
-BUDGETS = [0.01, 0.02, 0.04]
+_GRID = core.load_profile(FIXTURE_PROFILE).grid
+BUDGETS = list(_GRID.data_sweep.budgets_m)          # the fixture follows the profile's grid
+SIZE_BUDGET = _GRID.size_sweep.budget_m
 METRICS = ["mmlu_acc", "humaneval_pass1", "nq_em_3shot", "judge_ge_teacher", "human_ge_teacher", "non_toxicity",
            "style_list", "style_summary", "style_unigram", "style_length_corr", "style_authoritative"]
 
@@ -203,8 +205,8 @@ def test_fig4_reproduction_series_from_fixture(res):
         assert d["labels"]["imitation"] == "Imitation Model (Gemma-3-270M)"
         assert d["labels"]["base"] == "Gemma-3-270M (no imitation)" and d["labels"]["teacher"] == TEACHER
         s = got[("reproduction", key, "size")]
-        at = m[(m.role == "imitation") & (m.imitation_data == "ShareGPT-Mix") & np.isclose(m.data_tokens_m, 0.04)]
-        assert s["lines"]["imitation"] == xy(at, "base_params_b")          # mini's size_sweep.budget_m = 0.04
+        at = m[(m.role == "imitation") & (m.imitation_data == "ShareGPT-Mix") & np.isclose(m.data_tokens_m, SIZE_BUDGET)]
+        assert s["lines"]["imitation"] == xy(at, "base_params_b")          # at the profile's size_sweep.budget_m
         assert s["lines"]["base_sizes"] == xy(m[m.role == "base"], "base_params_b")
     # ±1 std error bars on the reproduction's points (LineCollection segments)
     from matplotlib.collections import LineCollection
@@ -267,7 +269,7 @@ def test_tables_reproduction_from_fixture(res, tmp_path):
     assert r[(r.base == "Gemma-3-270M") & (r.imitation_data == "NQ-synthetic")].value.iloc[0] == syn
     assert "Reproduction: profile 'mini'" in (tmp_path / "table1_nq.md").read_text()
     t2 = F.table2_style(res, source="reproduction", out_dir=tmp_path)
-    assert set(t2.column) == {"Gemma-3-270M (no imitation)", "0.01M", "0.02M", "0.04M", f"{TEACHER} #2"}
+    assert set(t2.column) == {"Gemma-3-270M (no imitation)", *[f"{b:g}M" for b in BUDGETS], f"{TEACHER} #2"}
     t5 = F.table5_categories(res, source="both", out_dir=tmp_path)
     assert dict(zip(t5[t5.source == "reproduction"].category, t5[t5.source == "reproduction"].value)) == \
         {"Generation": 40.0, "Coding": 35.0, "General QA": 25.0}
