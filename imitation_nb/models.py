@@ -15,8 +15,8 @@ from .core import cache_dir, atomic_write_json, file_sha256, now_iso, package_ve
 
 # %% auto #0
 __all__ = ['EMBEDDED', 'PPL_TEXT', 'Embedded', 'locate_gguf', 'model_cache', 'prepare_model', 'resolve_device', 'resolve_dtype',
-           'load_tokenizer', 'quantization_config', 'load_model', 'model_info', 'perplexity', 'shuffled',
-           'tiny_random_model', 'models_cli']
+           'load_tokenizer', 'quantization_config', 'no_cpu_repacking', 'load_model', 'model_info', 'perplexity',
+           'shuffled', 'tiny_random_model', 'models_cli']
 
 # %% ../nbs/01_models.ipynb #3d14921a
 @dataclass(frozen=True)
@@ -150,6 +150,17 @@ def quantization_config(quantization: str, compute_dtype):
     if quantization == "int8": return BitsAndBytesConfig(load_in_8bit=True)
     raise ValueError(f"quantization must be none | nf4 | int8, got {quantization!r}")
 
+def no_cpu_repacking(model) -> int:
+    """Turn off bitsandbytes' CPU repacking of 4-bit weights. On CPUs with AVX512-BF16, a `Linear4bit` that runs
+    in eval mode without gradients rewrites its weight *in place* into a packed layout with bfloat16 scales and
+    from then on multiplies through `gemv_4bit`, which has no autograd: after one held-out evaluation, training
+    silently stops back-propagating through every frozen 4-bit layer (LoRA still "trains" through the residual
+    stream, so nothing crashes), and numbers depend on which CPU ran them. Returns the number of layers set."""
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"): m.support_avx512bf16_for_cpu = False; n += 1
+    return n
+
 def load_model(spec: str, quantization: str = "none", dtype: str = "auto", device: str = "auto",
                adapter: str | None = None, for_training: bool = False, revision: str | None = None,
                attn_implementation: str | None = None, device_map=None):
@@ -166,6 +177,7 @@ def load_model(spec: str, quantization: str = "none", dtype: str = "auto", devic
     if device_map is not None: kw["device_map"] = device_map
     elif qc is not None or dev != "cpu": kw["device_map"] = {"": dev if dev != "cuda" else 0}
     model = AutoModelForCausalLM.from_pretrained(prepare_model(spec), **kw)
+    if qc is not None: no_cpu_repacking(model)
     if adapter:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=for_training)

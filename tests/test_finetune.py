@@ -169,3 +169,23 @@ def test_merge_matches_adapter_logits(data, tmp_path):
         l0 = load_model(SPEC)(ids).logits
     assert (la - lm).abs().max().item() < 1e-3
     assert (la - l0).abs().max().item() > 1e-3
+
+
+def test_4bit_layers_keep_backprop_after_an_eval_forward():
+    """bitsandbytes repacks a `Linear4bit` for CPU inference (AVX512-BF16 CPUs) the first time it runs in eval mode
+    without gradients, after which its matmul has no autograd: a held-out evaluation before training would silently
+    cut back-propagation through every frozen layer. `models.load_model` turns the repacking off."""
+    import bitsandbytes as bnb
+    from imitation_nb.models import load_model
+    m = load_model(SPEC, quantization="nf4", for_training=True)
+    lins = [x for x in m.modules() if isinstance(x, bnb.nn.Linear4bit)]
+    assert lins and not any(x.support_avx512bf16_for_cpu for x in lins)
+    m.eval()
+    with torch.no_grad(): m(input_ids=torch.tensor([[1, 2, 3, 4]]))          # what the held-out loss does first
+    assert not any(getattr(x.weight.quant_state, "packing_format_for_cpu", False) for x in lins)
+    m.train()
+    lin = lins[0]
+    x = torch.randn(3, lin.in_features, requires_grad=True)
+    lin(x).sum().backward()                                                     # d/dx sum(x W^T) = column sums of W
+    W = bnb.functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state).float()
+    assert torch.allclose(x.grad, W.sum(0).expand_as(x.grad), atol=1e-3)
