@@ -314,6 +314,11 @@ def _split_threads(parallel: int) -> dict:
         for k in THREAD_VARS: os.environ[k] = n
     return old
 
+def _restore_env(old: dict):
+    for k, v in old.items():
+        if v is None: os.environ.pop(k, None)
+        else: os.environ[k] = v
+
 def run_plan(P: list[StagePlan], only: str | None = None, force: bool = False, parallel: int = 1,
              log=print, keep_going: bool = True) -> dict:
     """Execute the plan: skip finished runs (unless `force`), run ready stages (all deps done) with up to
@@ -353,9 +358,7 @@ def run_plan(P: list[StagePlan], only: str | None = None, force: bool = False, p
                     if not keep_going: [f.cancel() for f in running]; break
                 append_jsonl(sp.run_dir.parent.parent / "reproduce_log.jsonl",
                              {"time": now_iso(), "key": key, "stage": sp.stage, "status": state[key], "seconds": times.get(key)})
-    for k, v in threads.items():                     # restore the caller's environment
-        if v is None: os.environ.pop(k, None)
-        else: os.environ[k] = v
+    _restore_env(threads)                             # the caller's environment again
     state["_times"] = times
     return state
 

@@ -376,7 +376,7 @@ def test_make_all_figures_paper_only_and_with_runs(tmp_path):
     assert "no reproduction results yet" in readme
     for name, title in F.ITEMS: assert title in readme
     assert out["fig4_capabilities"] == [tmp_path / "p" / "fig4_capabilities.png"]
-    assert out["fig2_side_by_side"] == []
+    assert out["fig2_side_by_side"] == [] and "reproduction_results" not in out
     shot = ROOT / "figures" / "fig7_rating_page.png"           # the human stage's real screenshot, once captured
     assert bool(out["fig7_rating_interface"]) == shot.exists()
     # a runs/ tree (IMITATION_NB_RUNS points into tmp_path): results, conversations and generations are found
@@ -385,6 +385,9 @@ def test_make_all_figures_paper_only_and_with_runs(tmp_path):
     readme = (tmp_path / "b" / "README.md").read_text()
     assert "profile `mini`" in readme and "`mini/eval/fixture" in readme
     assert out["fig2_side_by_side"] and out["fig6_imitation_examples"]
+    drawn_rows = pd.read_csv(out["reproduction_results"][0])      # the reproduction rows drawn, next to the figures
+    assert set(drawn_rows.profile) == {"mini"} and len(drawn_rows) == len(core.load_results(profile="mini").query("source != 'paper'"))
+    assert "reproduction_results.csv" in readme
     trends = pd.read_csv(tmp_path / "b" / "trends.csv")
     row = trends[(trends.metric_key == "nq_em_3shot") & (trends.sweep == "imitation data")].iloc[0]
     fx = fixture_results()

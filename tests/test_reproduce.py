@@ -119,3 +119,16 @@ def test_stage_copies_keep_parameters_code_and_stage_cells_but_no_examples():
     nb = ROOT / "tests" / "reproduce_fixtures" / "stage_fixture.ipynb"
     srcs = ["".join(c["source"]) for c in R.stage_notebook(nb)["cells"]]
     assert not any("an example cell ran" in s for s in srcs) and any("StageRun(" in s for s in srcs)
+
+
+def test_parallel_stage_runs_split_the_cores_and_restore_the_environment(monkeypatch):
+    for k in R.THREAD_VARS: monkeypatch.delenv(k, raising=False)
+    old = R._split_threads(2)
+    assert os.environ["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+    R._restore_env(old)
+    assert all(k not in os.environ for k in R.THREAD_VARS)
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")                  # the user's choice is kept
+    old = R._split_threads(2)
+    assert os.environ["OMP_NUM_THREADS"] == "7"
+    R._restore_env(old)
+    assert os.environ["OMP_NUM_THREADS"] == "7"
