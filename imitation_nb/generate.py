@@ -37,6 +37,8 @@ class GenerateConfig:
     device: str = "auto"
     quantization: str = "none"       # none | nf4 | int8 (bitsandbytes)
     stop: list[str] = field(default_factory=list)
+    max_items: int = 0               # prompts per subject: the first n of the prompts file (0 = all)
+    secondary_max_items: int = 0     # reproduce: for the data sweep's smaller budgets (0 = as max_items)
 
 # %% ../nbs/40_generate.ipynb #440cd6ee
 def load_lm(spec: str, adapter: str | None = None, dtype: str = "auto", device: str = "auto",
@@ -298,11 +300,6 @@ def _padded(tok, seqs, dev):
     pos = (att.cumsum(-1) - 1).clamp(min=0)
     return ids, att, pos
 
-def _has_sliding_window(model) -> bool:
-    cfg = getattr(model, "config", None)
-    cfg = getattr(cfg, "text_config", None) or cfg
-    return bool(getattr(cfg, "sliding_window", None)) and "sliding_attention" in (getattr(cfg, "layer_types", None) or ["sliding_attention"])
-
 def _shared_prefix_logprobs(model, tok, enc, idx, cand, max_batch, on_batch, out, bar):
     "Score prompts `idx` (token lists `enc`) that share a token prefix: the prefix is run once, its KV cache reused."
     import copy, torch
@@ -310,8 +307,12 @@ def _shared_prefix_logprobs(model, tok, enc, idx, cand, max_batch, on_batch, out
     L = 0
     while all(len(e) > L + 1 for e in group) and len({e[L] for e in group}) == 1: L += 1
     dev = next(model.parameters()).device
+    from transformers import DynamicCache
     with torch.no_grad():
-        cache = model(input_ids=torch.tensor([group[0][:L]], device=dev), use_cache=True).past_key_values
+        # a config-less DynamicCache keeps every position in every layer, so sliding-window layers (Gemma 3)
+        # still see the whole prefix; their attention mask applies the window from the positions
+        cache = model(input_ids=torch.tensor([group[0][:L]], device=dev), past_key_values=DynamicCache(),
+                      use_cache=True).past_key_values
         order = sorted(idx, key=lambda i: -len(enc[i]))
         for b0 in range(0, len(order), max_batch):
             b = order[b0:b0 + max_batch]
@@ -321,8 +322,9 @@ def _shared_prefix_logprobs(model, tok, enc, idx, cand, max_batch, on_batch, out
                              torch.tensor([[1] * len(r) + [0] * (M - len(r)) for r in rest], device=dev)], 1)
             pos = torch.arange(L, L + M, device=dev)[None].expand(n, M)
             c = copy.deepcopy(cache); c.batch_repeat_interleave(n)
-            logits = model(input_ids=x, attention_mask=att, position_ids=pos, past_key_values=c, use_cache=True).logits
-            last = torch.stack([logits[k, len(r) - 1] for k, r in enumerate(rest)])
+            keep = torch.tensor([[len(r) - 1] for r in rest], device=dev)    # each row's last real position only
+            last = model(input_ids=x, attention_mask=att, position_ids=pos, past_key_values=c, use_cache=True,
+                         logits_to_keep=keep).logits[:, 0]
             lp = torch.log_softmax(last.float(), -1)[:, cand].cpu().numpy()
             out[b] = lp
             if on_batch: on_batch(b, lp)
@@ -334,8 +336,8 @@ def next_token_logprobs(model, tok, prompts: list[str], token_ids: list[int], ma
     """Log-probabilities (full-vocabulary log-softmax) of `token_ids` as the next token after each prompt:
     array [len(prompts), len(token_ids)]. One forward pass per prompt. `on_batch(indices, rows)` after each batch.
     `groups` (one key per prompt, e.g. the MMLU subject): prompts of a group share a long prefix (the k-shot
-    exemplars); its KV cache is computed once per group and only the rest of each prompt is run (exact same
-    log-probs; not used for sliding-window models such as Gemma 3, where the plain path is taken)."""
+    exemplars); its KV cache is computed once per group and only the rest of each prompt is run (the same
+    log-probs up to float rounding, sliding-window models such as Gemma 3 included)."""
     import numpy as np, torch
     from tqdm.auto import tqdm
     enc = [tok(p, add_special_tokens=add_special_tokens).input_ids for p in prompts]
@@ -344,7 +346,7 @@ def next_token_logprobs(model, tok, prompts: list[str], token_ids: list[int], ma
     cand = torch.tensor(token_ids, device=dev)
     bar = tqdm(total=len(prompts), desc="score", disable=not progress)
     plain = list(range(len(prompts)))
-    if groups is not None and not _has_sliding_window(model):
+    if groups is not None:
         by = {}
         for i, g in enumerate(groups): by.setdefault(g, []).append(i)
         plain = [i for v in by.values() if len(v) == 1 for i in v]
@@ -386,6 +388,7 @@ def single_token_ids(tok, strings: list[str]) -> list[int]:
         ids.append(t[0])
     return ids
 
+
 # %% ../nbs/40_generate.ipynb #1011fce3
 def make_generator(prof, subject: dict, cfg: GenerateConfig | None = None) -> Generator:
     "The Generator for an evaluation `subject` of profile `prof` (a local base + adapter, or the teacher)."
@@ -414,6 +417,7 @@ def run_generate_stage(profile: str, run_dir=None, subject: dict | None = None, 
     for k, it in enumerate(items):
         if "id" not in it or not ("prompt" in it or "messages" in it):
             raise ValueError(f"{prompts_file}:{k + 1}: each line needs 'id' and 'prompt' or 'messages'")
+    max_items = max_items or cfg.max_items or None
     items = items[:max_items] if max_items else items
     params = {"subject": subject, "prompts_file": str(prompts_file) if prompts_file else None,
               "max_items": max_items, "config": dataclasses.asdict(cfg)}

@@ -116,7 +116,12 @@ def plan(profile: Profile | str, root=None, teacher: bool | None = None) -> list
         if subj["imitation_data"] == "NQ-synthetic" or (subj["role"] == "base" and base != g.data_sweep.base):
             continue
         add(_mk("eval_toxicity", prof, {"subject": subj}, root, deps=deps, label=f"RealToxicityPrompts: {name}"))
-        gen = add(_mk("generate", prof, {"subject": subj, "prompts_file": refs.outputs["heldout"]}, root,
+        gp = {"subject": subj, "prompts_file": refs.outputs["heldout"]}
+        gcfg = prof.section("generate")
+        if getattr(gcfg, "secondary_max_items", 0) and subj["role"] == "imitation" and base == g.data_sweep.base \
+                and subj["data_tokens_m"] < max(g.data_sweep.budgets_m):
+            gp["max_items"] = gcfg.secondary_max_items    # judge and style follow the generations
+        gen = add(_mk("generate", prof, gp, root,
                       deps=deps + [refs.key], label=f"answers to held-out prompts: {name}", generations="generations.jsonl"))
         for st, lab in (("eval_judge", "judge vs teacher"), ("style", "style vs teacher")):
             add(_mk(st, prof, {"subject": subj, "generations_file": gen.outputs["generations"],

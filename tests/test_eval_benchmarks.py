@@ -206,6 +206,22 @@ def test_mmlu_scoring_padding_invariant(gen):
     grouped = next_token_logprobs(gen.model, gen.tok, p5, ids, groups=["astronomy"] * 3)
     assert abs(grouped - next_token_logprobs(gen.model, gen.tok, p5, ids)).max() < 1e-3
 
+def test_shared_prefix_scoring_past_gemma_sliding_window():
+    "Gemma 3's sliding-window layers (512 tokens): the shared-prefix KV path must equal the plain forward past the window."
+    from imitation_nb.generate import load_lm, next_token_logprobs, single_token_ids
+    model, tok = load_lm("gemma3-270m")
+    assert model.config.sliding_window == 512
+    ids = single_token_ids(tok, [" A", " B", " C", " D"])
+    dev = load_mmlu("astronomy", "dev")
+    qs = load_mmlu("astronomy", "test")[:3]
+    pre = "Background. " + " ".join(d["question"] for d in dev) * 3 + "\n\n"
+    prompts = [pre + mmlu_prompt(q, dev, 5) for q in qs]
+    assert min(len(tok(p).input_ids) for p in prompts) > 600          # past the window
+    plain = next_token_logprobs(model, tok, prompts, ids)
+    grouped = next_token_logprobs(model, tok, prompts, ids, groups=["astronomy"] * 3)
+    assert abs(grouped - plain).max() < 1e-3
+    assert (grouped.argmax(1) == plain.argmax(1)).all()
+
 def test_generate_to_file_resumes(gen, tmp_path):
     from imitation_nb.generate import generate_to_file
     from imitation_nb.core import read_jsonl
