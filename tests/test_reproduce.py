@@ -47,6 +47,20 @@ def test_plan_hashes_change_downstream_when_upstream_params_change(tmp_path):
     assert ft_a and ft_b and ft_a != ft_b
 
 
+def test_mini_generates_fewer_prompts_for_the_smaller_budgets_only(tmp_path):
+    "generate.secondary_max_items applies to the data sweep's smaller budgets; base, top budget and size sweep get max_items."
+    prof = core.load_profile("mini")
+    g = prof.section("generate")
+    assert g.max_items >= 100 and 0 < g.secondary_max_items < g.max_items
+    gens = {sp.params["subject"]["label"]: sp.params.get("max_items") for sp in R.plan(prof, root=tmp_path) if sp.stage == "generate"}
+    top = max(prof.grid.data_sweep.budgets_m)
+    for label, n in gens.items():
+        small = "ShareGPT-Mix" in label and label.startswith("Gemma") and not label.endswith(f" {top:g}M")
+        assert n == (g.secondary_max_items if small else None), (label, n)
+    assert sum(n is not None for n in gens.values()) == len(prof.grid.data_sweep.budgets_m) - 1
+    # judge and style ask for at least max_items prompts of the references: n >= 100 for base and top budget
+    assert prof.section("eval_judge").n_prompts >= g.max_items and prof.section("style").n_prompts >= g.max_items
+
 DRIVER = textwrap.dedent('''
     import sys, json
     from pathlib import Path
