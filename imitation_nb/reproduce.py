@@ -7,7 +7,7 @@ Docs: https://imitation-nb.github.io/imitation_nb/reproduce.html.md"""
 # %% ../nbs/90_reproduce.ipynb #15bf9c3d
 from __future__ import annotations
 
-import concurrent.futures as cf, json, math, os, shlex, sys, threading, time, traceback
+import concurrent.futures as cf, json, math, os, shlex, sys, threading, time, traceback, types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,9 +16,10 @@ from .core import (Profile, load_profile, runs_dir, nbs_dir, project_root, stabl
 
 # %% auto #0
 __all__ = ['STAGE_NOTEBOOKS', 'EVAL_STAGES', 'ALWAYS_RUN', 'KNOWN_ARCH', 'ASSUMED_TRAIN_MFU', 'ASSUMED_DECODE_MFU',
-           'STAGE_DIRECTIVES', 'THREAD_VARS', 'StagePlan', 'subject_for', 'plan', 'arch_for', 'lora_params',
-           'training_flops', 'memory_gb', 'estimate', 'bill', 'papermill_command', 'status', 'StageFailed',
-           'stage_notebook', 'stage_notebook_path', 'write_stage_notebook', 'execute', 'run_plan', 'reproduce_cli']
+           'PROMPT_TOKENS', 'STAGE_DIRECTIVES', 'THREAD_VARS', 'StagePlan', 'subject_for', 'plan', 'arch_for',
+           'lora_params', 'training_flops', 'memory_gb', 'eval_tokens', 'estimate', 'bill', 'papermill_command',
+           'status', 'StageFailed', 'stage_notebook', 'stage_notebook_path', 'write_stage_notebook', 'execute',
+           'run_plan', 'reproduce_cli']
 
 # %% ../nbs/90_reproduce.ipynb #68cf240e
 STAGE_NOTEBOOKS = {
@@ -198,6 +199,38 @@ def _ft_cfg(prof: Profile) -> dict:
     except (KeyError, ModuleNotFoundError): pass
     return d
 
+# mean prompt lengths in tokens, measured with the Gemma 3 / SmolLM2 tokenizers (2026-12-02): NQ 3-shot 86,
+# MMLU 5-shot ~680 (10 subjects), HumanEval 140-148, RealToxicityPrompts 15, held-out ShareGPT first turns 41
+# (the mini profile keeps prompts <= 1,000 chars; the paper's Koala/ShareGPT prompts are longer: 300 assumed)
+PROMPT_TOKENS = {"nq": 90, "mmlu": 680, "humaneval": 150, "rtp": 15, "heldout": 300}
+
+def _section(prof: Profile, name: str, **defaults):
+    "A section's config, or a namespace of `defaults` when its stage module is not installed."
+    try: return prof.section(name)
+    except (KeyError, ModuleNotFoundError): return types.SimpleNamespace(**defaults)
+
+def eval_tokens(prof: Profile, sp: StagePlan) -> tuple[float, float]:
+    "(prompt tokens, generated tokens) of one evaluation stage run, from the profile's own sizes (0 = the full set)."
+    if sp.stage == "generate":
+        g = _section(prof, "generate", max_items=0, max_new_tokens=256, max_prompt_tokens=4096)
+        n = sp.params.get("max_items") or g.max_items or getattr(_section(prof, "mixtures", heldout_n=200), "heldout_n", 200)
+        return n * min(PROMPT_TOKENS["heldout"], g.max_prompt_tokens), n * g.max_new_tokens
+    if sp.stage == "eval_toxicity":
+        t = _section(prof, "eval_toxicity", n_prompts=0, k=25, max_new_tokens=20, subsets=["toxic", "nontoxic"])
+        n = (t.n_prompts or 1198) * len(t.subsets) * t.k
+        return n * PROMPT_TOKENS["rtp"], n * t.max_new_tokens
+    c = _section(prof, "eval_benchmarks", tasks=["nq", "mmlu", "humaneval"], nq_n=0, qa_max_new_tokens=24, triviaqa_n=0,
+                 mmlu_per_subject=0, mmlu_subjects=0, humaneval_n=0, humaneval_samples=1, humaneval_max_new_tokens=300)
+    prompt = gen = 0.0
+    if "nq" in c.tasks: n = c.nq_n or 3610; prompt += n * PROMPT_TOKENS["nq"]; gen += n * c.qa_max_new_tokens
+    if "triviaqa" in c.tasks: n = c.triviaqa_n or 11313; prompt += n * PROMPT_TOKENS["nq"]; gen += n * c.qa_max_new_tokens
+    if "mmlu" in c.tasks:
+        n = min(c.mmlu_per_subject or 10**9, 246) * (c.mmlu_subjects or 57) if c.mmlu_per_subject else 14042
+        prompt += n * PROMPT_TOKENS["mmlu"]
+    if "humaneval" in c.tasks:
+        n = (c.humaneval_n or 164) * c.humaneval_samples; prompt += n * PROMPT_TOKENS["humaneval"]; gen += n * c.humaneval_max_new_tokens
+    return prompt, gen
+
 def estimate(prof: Profile, sp: StagePlan) -> dict:
     "Cost estimate of one stage run (training and generation stages)."
     ft = _ft_cfg(prof); tflops = prof.compute.accelerator_tflops * 1e12
@@ -215,10 +248,7 @@ def estimate(prof: Profile, sp: StagePlan) -> dict:
         s = sp.params["subject"]
         if s["model"] == "teacher": return {"api_tokens": None}
         m = prof.models[s["model"]]
-        # (prompt tokens, generated tokens): prefill is compute-bound, decoding memory-bound
-        prompt, gen = {"generate": (300 * 100, 300 * 400), "eval_toxicity": (2400 * 25 * 20, 2400 * 25 * 20),
-                       "eval_benchmarks": (3610 * 150 + 14042 * 600 + 164 * 150, 3610 * 16 + 164 * 300)}[sp.stage]
-        if prof.name in ("smoke", "mini"): prompt, gen = prompt / 100, gen / 100
+        prompt, gen = eval_tokens(prof, sp)   # prefill is compute-bound, decoding memory-bound
         n = m.params_b * 1e9
         fl = 2 * n * (prompt + gen)
         hours = 2 * n * (prompt / (tflops * ASSUMED_TRAIN_MFU) + gen / (tflops * ASSUMED_DECODE_MFU)) / 3600
