@@ -248,6 +248,7 @@ class ModelEntry:
     params_b: float = 0.0            # parameter count in billions (x axis of the size sweep)
     label: str = ""                  # display name, e.g. "LLaMA-13B"
     chat_template: Optional[str] = None  # name of a template for bases that lack one (see finetune)
+    instruct: bool = False           # chat-tuned (e.g. SmolLM2-Instruct): HumanEval "auto" prompts it with an instruction
     revision: Optional[str] = None   # hub revision to pin
 
 @dataclass

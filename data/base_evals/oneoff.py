@@ -7,7 +7,10 @@ SUBJ = {"smollm2-135m": {"model": "smollm2-135m", "adapter": None, "role": "base
                          "base_params_b": 0.135, "imitation_data": "none", "data_tokens_m": 0.0, "label": "SmolLM2-135M"},
         "gemma3-270m": {"model": "gemma3-270m", "adapter": None, "role": "base", "model_family": "Gemma-3",
                         "base_params_b": 0.268, "imitation_data": "none", "data_tokens_m": 0.0, "label": "Gemma-3-270M"}}
-SIZES = {"nq_n": 500, "mmlu_per_subject": 18, "mmlu_subjects": 0, "humaneval_n": 0, "humaneval_max_new_tokens": 300}
+# HumanEval protocol: `auto` (the mini profile marks SmolLM2-135M-Instruct `instruct: true` -> chat prompt + code
+# extraction; Gemma 3 270M base -> the original completion prompt); 256 new tokens; generation batch 32
+SIZES = {"nq_n": 500, "mmlu_per_subject": 18, "mmlu_subjects": 0, "humaneval_n": 0, "humaneval_max_new_tokens": 256,
+         "humaneval_prompt": "auto", "batch_size": 32}
 PLAN = [["humaneval"], ["humaneval", "mmlu"], ["humaneval", "mmlu", "nq"]]   # never-reached tasks first (2026-12-02)
 for tasks in PLAN:
     for name in sys.argv[1:]:
