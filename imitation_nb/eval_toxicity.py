@@ -34,6 +34,7 @@ class ToxicityConfig:
     "Profile section `eval_toxicity`: RTP prompts, sampling and scorer."
     subsets: list[str] = field(default_factory=lambda: ["toxic", "nontoxic"])  # files in data/realtoxicityprompts/
     n_prompts: int = 10               # prompts per subset (0 = all: 1,196 challenging + 1,200 non-toxic)
+    secondary_n_prompts: int = 0      # reproduce: prompts per subset for secondary subjects (0 = as n_prompts)
     k: int = 2                        # sampled continuations per prompt (25 in Gehman et al.)
     max_new_tokens: int = 20          # Gehman et al. use 20 tokens
     temperature: float = 1.0
@@ -475,10 +476,12 @@ def local_generate_fn(prof, subject: dict, cfg: ToxicityConfig) -> tuple[Callabl
     info = {**model_info(spec, subject.get("adapter")), "chat_template": template}
     return hf_generate_fn(model, tok, cfg.temperature, cfg.top_p, cfg.batch_size, chat_template=template), info
 
-def run_toxicity_stage(profile: str, subject: dict, run_dir=None, continuations_file=None, generate_fn=None) -> Path:
+def run_toxicity_stage(profile: str, subject: dict, run_dir=None, continuations_file=None, generate_fn=None,
+                       n_prompts: int | None = None) -> Path:
     "The stage: sample (or read) continuations, score them, write per-prompt scores and the result rows."
     from imitation_nb.core import load_profile, StageRun
     prof = load_profile(profile); cfg = prof.section("eval_toxicity")
+    if n_prompts: cfg = dataclasses.replace(cfg, n_prompts=int(n_prompts))    # prompts per subset for this run
     params = {"profile": profile, "subject": subject, "continuations_file": continuations_file,
               "config": dataclasses.asdict(cfg), "seed": cfg.seed}
     with StageRun("eval_toxicity", params, profile=profile, run_dir=run_dir) as run:

@@ -574,7 +574,11 @@ def finetune(base_spec: str, train_data, cfg=None, out_dir="finetune_out", heldo
                "train_loss": res.training_loss, "audit": {k: v for k, v in audit.items() if k != "problems"},
                "adapter": str(final), "peak_rss_mb": peak_rss_mb()}
     if held is None and heldout_data and cfg.heldout_max_examples and hconvs:
-        after = {"final": heldout_loss(model, tok, hconvs, chat_template, cfg.heldout_max_length, encoded=henc)}
+        saved = [l for l in (groups or []) if (out / "adapters" / l / "adapter_model.safetensors").exists()]
+        # the final adapter differs from the top budget's only by the last block's remainder: it is scored only
+        # when no budget adapter was saved (single-budget runs such as NQ-synthetic)
+        after = {} if saved and cfg.method != "full" else \
+            {"final": heldout_loss(model, tok, hconvs, chat_template, cfg.heldout_max_length, encoded=henc)}
         if cfg.method != "full" and groups:
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
@@ -658,7 +662,7 @@ def heldout_rows(held: dict, fields: dict, data_label: str, budgets: dict, final
         if f"after_{label}" in held:
             rows.append(row(held[f"after_{label}"], "imitation", data_label, float(label), f"adapters/{label}"))
             done.add(float(label))
-    if final_budget_m not in done:
+    if final_budget_m not in done and "after_final" in held:
         rows.append(row(held["after_final"], "imitation", data_label, final_budget_m, "final adapter"))
     return rows
 

@@ -39,7 +39,7 @@ class GenerateConfig:
     quantization: str = "none"       # none | nf4 | int8 (bitsandbytes)
     stop: list[str] = field(default_factory=list)
     max_items: int = 0               # prompts per subject: the first n of the prompts file (0 = all)
-    secondary_max_items: int = 0     # reproduce: for the data sweep's smaller budgets (0 = as max_items)
+    secondary_max_items: int = 0     # reproduce: for secondary subjects (smaller budgets, other sizes; 0 = as max_items)
 
 # %% ../nbs/40_generate.ipynb #440cd6ee
 def load_lm(spec: str, adapter: str | None = None, dtype: str = "auto", device: str = "auto",

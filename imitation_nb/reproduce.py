@@ -116,12 +116,17 @@ def plan(profile: Profile | str, root=None, teacher: bool | None = None) -> list
         # and the teacher (Figs 3, 5, Table 2); NQ-synthetic and other bases appear in Table 1 / Fig 4 only
         if subj["imitation_data"] == "NQ-synthetic" or (subj["role"] == "base" and base != g.data_sweep.base):
             continue
-        add(_mk("eval_toxicity", prof, {"subject": subj}, root, deps=deps, label=f"RealToxicityPrompts: {name}"))
+        # primary subjects (the data-sweep base, its top-budget imitation model, the teacher) get the full "looks"
+        # evaluation; the others (smaller budgets, other sizes) the profile's `secondary_*` sizes where set
+        secondary = not (subj["role"] == "teacher" or (base == g.data_sweep.base and (subj["role"] == "base" or (
+            subj["imitation_data"] == "ShareGPT-Mix" and subj["data_tokens_m"] == max(g.data_sweep.budgets_m)))))
+        tp = {"subject": subj}
+        if secondary and getattr(prof.section("eval_toxicity"), "secondary_n_prompts", 0):
+            tp["n_prompts"] = prof.section("eval_toxicity").secondary_n_prompts
+        add(_mk("eval_toxicity", prof, tp, root, deps=deps, label=f"RealToxicityPrompts: {name}"))
         gp = {"subject": subj, "prompts_file": refs.outputs["heldout"]}
-        gcfg = prof.section("generate")
-        if getattr(gcfg, "secondary_max_items", 0) and subj["role"] == "imitation" and base == g.data_sweep.base \
-                and subj["data_tokens_m"] < max(g.data_sweep.budgets_m):
-            gp["max_items"] = gcfg.secondary_max_items    # judge and style follow the generations
+        if secondary and getattr(prof.section("generate"), "secondary_max_items", 0):
+            gp["max_items"] = prof.section("generate").secondary_max_items    # judge and style follow the generations
         gen = add(_mk("generate", prof, gp, root,
                       deps=deps + [refs.key], label=f"answers to held-out prompts: {name}", generations="generations.jsonl"))
         for st, lab in (("eval_judge", "judge vs teacher"), ("style", "style vs teacher")):

@@ -47,17 +47,19 @@ def test_plan_hashes_change_downstream_when_upstream_params_change(tmp_path):
     assert ft_a and ft_b and ft_a != ft_b
 
 
-def test_mini_generates_fewer_prompts_for_the_smaller_budgets_only(tmp_path):
-    "generate.secondary_max_items applies to the data sweep's smaller budgets; base, top budget and size sweep get max_items."
+def test_mini_gives_secondary_subjects_fewer_prompts(tmp_path):
+    """Primary subjects (the data-sweep base and its top-budget imitation model) get generate.max_items prompts and
+    the full toxicity set; secondary ones (smaller budgets, the other size) the profile's secondary_* sizes."""
     prof = core.load_profile("mini")
-    g = prof.section("generate")
-    assert g.max_items >= 100 and 0 < g.secondary_max_items < g.max_items
-    gens = {sp.params["subject"]["label"]: sp.params.get("max_items") for sp in R.plan(prof, root=tmp_path) if sp.stage == "generate"}
+    g, t = prof.section("generate"), prof.section("eval_toxicity")
+    assert g.max_items >= 100 and 0 < g.secondary_max_items < g.max_items and 0 < t.secondary_n_prompts < t.n_prompts
     top = max(prof.grid.data_sweep.budgets_m)
-    for label, n in gens.items():
-        small = "ShareGPT-Mix" in label and label.startswith("Gemma") and not label.endswith(f" {top:g}M")
-        assert n == (g.secondary_max_items if small else None), (label, n)
-    assert sum(n is not None for n in gens.values()) == len(prof.grid.data_sweep.budgets_m) - 1
+    P = R.plan(prof, root=tmp_path)
+    for stage, key, small in (("generate", "max_items", g.secondary_max_items), ("eval_toxicity", "n_prompts", t.secondary_n_prompts)):
+        got = {sp.params["subject"]["label"]: sp.params.get(key) for sp in P if sp.stage == stage}
+        primary = {"Gemma-3-270M", f"Gemma-3-270M + ShareGPT-Mix {top:g}M"}
+        assert primary <= set(got) and len(got) == 5, got
+        for label, n in got.items(): assert n == (None if label in primary else small), (stage, label, n)
     # judge and style ask for at least max_items prompts of the references: n >= 100 for base and top budget
     assert prof.section("eval_judge").n_prompts >= g.max_items and prof.section("style").n_prompts >= g.max_items
 
