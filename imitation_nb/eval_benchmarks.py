@@ -285,7 +285,8 @@ def eval_humaneval(gen: Generator, problems: list[dict], out_dir, samples: int =
     model's chat template; the reply's code is extracted by `extract_code`). Returns per-problem {task_id, n, c, pass@1}."""
     if prompt not in ("completion", "chat"): raise ValueError(f"humaneval prompt {prompt!r}: completion | chat")
     out_dir = Path(out_dir)
-    chat = prompt == "chat" or gen.backend == "openai"
+    chat = prompt == "chat" or gen.backend == "openai"      # a chat API has no raw completion
+    prompt = "chat" if chat else "completion"
     items = [{"id": f"{p['task_id']}#{s}", **({"messages": humaneval_messages(p)} if chat else {"prompt": p["prompt"]})}
              for p in problems for s in range(samples)]
     recs = generate_to_file(gen, items, out_dir / "humaneval_generations.jsonl", max_new_tokens=max_new_tokens,
@@ -299,7 +300,7 @@ def eval_humaneval(gen: Generator, problems: list[dict], out_dir, samples: int =
     todo = [r for r in recs if r["id"] not in done]
     for b0 in range(0, len(todo), 16):                      # execute in chunks; each chunk is appended
         chunk = todo[b0:b0 + 16]
-        comps = [humaneval_completion(by_id[r["id"].split("#")[0]], r["output"], "chat" if chat else "completion") for r in chunk]
+        comps = [humaneval_completion(by_id[r["id"].split("#")[0]], r["output"], prompt) for r in chunk]
         progs = [humaneval_program(by_id[r["id"].split("#")[0]], c) for r, c in zip(chunk, comps)]
         res = run_many(progs, limits, workers=workers)
         rows = [{"id": r["id"], "task_id": r["id"].split("#")[0], "passed": x.passed, "status": x.status, "prompt": prompt,
@@ -397,7 +398,7 @@ def run_eval_benchmarks(profile: str, run_dir=None, subject: dict | None = None,
                 probs = seeded_subset(load_humaneval(), cfg.humaneval_n, seed)
                 lim = SandboxLimits(timeout_s=cfg.sandbox_timeout_s, memory_mb=cfg.sandbox_memory_mb,
                                     cpu_s=int(math.ceil(cfg.sandbox_timeout_s)))
-                mode = humaneval_prompt_mode(prof, subject, cfg.humaneval_prompt)
+                mode = "chat" if gen.backend == "openai" else humaneval_prompt_mode(prof, subject, cfg.humaneval_prompt)
                 per = eval_humaneval(gen, probs, d, cfg.humaneval_samples, cfg.humaneval_temperature,
                                      cfg.humaneval_max_new_tokens, cfg.batch_size, lim, cfg.sandbox_workers, seed, mode)
                 caps = sandbox_capabilities()

@@ -7,7 +7,8 @@ Docs: https://imitation-nb.github.io/imitation_nb/serve.html.md"""
 
 # %% auto #0
 __all__ = ['log', 'ServeConfig', 'BadRequest', 'render_prompt', 'cut_at_stop', 'LocalChatModel', 'ChatMessage', 'ChatRequest',
-           'create_app', 'default_served_name', 'serve_cli', 'free_port', 'ServerProcess', 'start_server']
+           'create_app', 'default_served_name', 'watch_parent', 'serve_cli', 'free_port', 'ServerProcess',
+           'start_server']
 
 # %% ../nbs/22_serve.ipynb #83c06f14
 import dataclasses, json, logging, os, re, signal, socket, subprocess, sys, tempfile, threading, time, uuid
@@ -191,6 +192,21 @@ from fastcore.script import call_parse
 def default_served_name(model: str, adapter: str | None = None) -> str:
     return model if not adapter else f"{model}+{Path(adapter).name}"
 
+def watch_parent(pid: int, interval: float = 1.0):
+    """End this process (SIGTERM to itself: uvicorn shuts down) once process `pid` is gone. A helper server is
+    started in its own session, so a killed client (a stage kernel stopped mid-run) would otherwise leave it running."""
+    import threading
+    def alive():
+        try: os.kill(pid, 0); return True
+        except ProcessLookupError: return False
+        except PermissionError: return True
+    direct = os.getppid() == pid          # our parent: reparenting (to init or a subreaper) also means it is gone
+    def loop():
+        while alive() and (not direct or os.getppid() == pid): time.sleep(interval)
+        log.warning("parent process %s ended: stopping the server", pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=loop, daemon=True, name="watch-parent").start()
+
 @call_parse
 def serve_cli(
     model: str,  # embedded name (smollm2-135m-instruct, gemma3-270m), hub id or local folder
@@ -205,6 +221,7 @@ def serve_cli(
     max_tokens_limit: int = None,  # reject requests asking for more new tokens (default: profile)
     threads: int = 0,  # torch threads (0 = default)
     profile: str = None,  # take defaults from this profile's `serve` section
+    parent_pid: int = None,  # exit when this process ends (set by `start_server`: no orphaned servers after a crash)
 ):
     "OpenAI-compatible server for a local model (+ adapter). GPU users: run vLLM's server instead."
     import uvicorn
@@ -219,6 +236,7 @@ def serve_cli(
         log.warning("binding %s: the model is reachable from other machines", cfg.host)
     if threads:
         import torch; torch.set_num_threads(threads)
+    if parent_pid: watch_parent(parent_pid)
     name = served_name or default_served_name(model, adapter)
     engine = LocalChatModel(model, adapter=adapter, chat_template=cfg.chat_template, dtype=cfg.dtype, device=cfg.device,
                             quantization=cfg.quantization)
@@ -267,7 +285,7 @@ def start_server(model: str, adapter: str | None = None, port: int | None = None
         lp = Path(log_path) if log_path else Path(tempfile.mkdtemp(prefix="imitation_nb_serve_")) / "server.log"
         args = [sys.executable, "-c", "import sys; from imitation_nb.core import main; sys.exit(main())", "serve", model,
                 "--port", str(p), "--host", host, *(["--adapter", str(adapter)] if adapter else []),
-                *(["--served-name", served_name] if served_name else []), "--threads", str(threads), *map(str, extra_args)]
+                *(["--served-name", served_name] if served_name else []), "--threads", str(threads), "--parent-pid", str(os.getpid()), *map(str, extra_args)]
         with open(lp, "ab") as f:
             proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=_clean_env(env), start_new_session=True)
         sp = ServerProcess(proc, p, host, lp)

@@ -270,3 +270,31 @@ def test_serve_lora_adapter(tmp_path):
         out = sdk.chat.completions.create(model=name, messages=q, temperature=0, max_tokens=8).choices[0].message.content
     assert out == ad.generate(q, temperature=0, max_tokens=8)["choices"][0]["message"]["content"]
     assert out != base.generate(q, temperature=0, max_tokens=8)["choices"][0]["message"]["content"]
+
+
+def test_helper_server_exits_when_its_client_is_killed(tmp_path):
+    "A server started by `start_server` stops on its own once the process that started it is SIGKILLed (no orphans)."
+    info = tmp_path / "server.json"
+    code = ("import json, sys, time\nfrom imitation_nb.serve import start_server\n"
+            f"s = start_server({MODEL!r}, timeout=900)\n"
+            f"open({str(info)!r}, 'w').write(json.dumps({{'pid': s.proc.pid, 'url': s.base_url}}))\n"
+            "time.sleep(600)\n")
+    client = subprocess.Popen([sys.executable, "-c", code], env=_env())
+    try:
+        t0 = time.time()
+        while not info.exists() and time.time() - t0 < 900: time.sleep(0.5)
+        srv = json.loads(info.read_text())
+        os.kill(srv["pid"], 0)                                  # the server is up while its client lives
+        client.send_signal(signal.SIGKILL); client.wait(30)
+        t0 = time.time()
+        while time.time() - t0 < 60:
+            try: os.kill(srv["pid"], 0)
+            except ProcessLookupError: break
+            # a zombie (exited, not yet reaped by init in this container) counts as gone
+            if Path(f"/proc/{srv['pid']}/stat").exists() and Path(f"/proc/{srv['pid']}/stat").read_text().split()[2] == "Z": break
+            time.sleep(0.5)
+        else:
+            os.kill(srv["pid"], signal.SIGKILL)
+            pytest.fail("the helper server outlived its killed client by 60 s")
+    finally:
+        if client.poll() is None: client.kill()
