@@ -536,10 +536,15 @@ def finetune(base_spec: str, train_data, cfg=None, out_dir="finetune_out", heldo
     JsonlLog, BudgetSaver = _make_callbacks()
     Trainer = _make_trainer_cls()
     use_bf16 = device.startswith("cuda") and str(next(model.parameters()).dtype) == "torch.bfloat16"
+    warmup = cfg.warmup_steps
+    if warmup and warmup >= total_steps:     # a warm-up as long as the run: its steps would train at lr ~ 0
+        warmup = total_steps // 2
+        warnings.warn(f"warmup_steps={cfg.warmup_steps} >= the run's {total_steps} steps: warm-up cut to {warmup} "
+                      "(with 1 step and any warm-up, the only step would have learning rate 0)")
     args = TrainingArguments(
         output_dir=str(out / "checkpoints"), per_device_train_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type=cfg.schedule,
-        warmup_steps=cfg.warmup_steps, num_train_epochs=cfg.epochs, max_steps=total_steps,
+        warmup_steps=warmup, num_train_epochs=cfg.epochs, max_steps=total_steps,
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim=_resolve_optim(cfg.optim, device),
         logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, seed=cfg.seed, data_seed=cfg.seed, use_cpu=device == "cpu",

@@ -192,3 +192,12 @@ def test_4bit_layers_keep_backprop_after_an_eval_forward():
     lin(x).sum().backward()                                                     # d/dx sum(x W^T) = column sums of W
     W = bnb.functional.dequantize_4bit(lin.weight.data, lin.weight.quant_state).float()
     assert torch.allclose(x.grad, W.sum(0).expand_as(x.grad), atol=1e-3)
+
+
+def test_a_run_shorter_than_its_warmup_still_learns(data, tmp_path):
+    "One optimizer step with warmup_steps 5 (the mini NQ-synthetic case): the step must not have learning rate 0."
+    with pytest.warns(UserWarning, match="warm-up cut"):
+        finetune(SPEC, data / "train.jsonl", tiny_cfg(max_steps=1, warmup_steps=5, lr=1e-3), tmp_path / "run")
+    log = [json.loads(l) for l in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    lrs = [r["learning_rate"] for r in log if "learning_rate" in r]
+    assert lrs and lrs[0] == pytest.approx(1e-3), lrs
