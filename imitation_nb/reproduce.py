@@ -222,7 +222,7 @@ def eval_tokens(prof: Profile, sp: StagePlan) -> tuple[float, float]:
         return n * min(PROMPT_TOKENS["heldout"], g.max_prompt_tokens), n * g.max_new_tokens
     if sp.stage == "eval_toxicity":
         t = _section(prof, "eval_toxicity", n_prompts=0, k=25, max_new_tokens=20, subsets=["toxic", "nontoxic"])
-        n = (t.n_prompts or 1198) * len(t.subsets) * t.k
+        n = (sp.params.get("n_prompts") or t.n_prompts or 1198) * len(t.subsets) * t.k
         return n * PROMPT_TOKENS["rtp"], n * t.max_new_tokens
     c = _section(prof, "eval_benchmarks", tasks=["nq", "mmlu", "humaneval"], nq_n=0, qa_max_new_tokens=24, triviaqa_n=0,
                  mmlu_per_subject=0, mmlu_subjects=0, humaneval_n=0, humaneval_samples=1, humaneval_max_new_tokens=300)
@@ -230,7 +230,7 @@ def eval_tokens(prof: Profile, sp: StagePlan) -> tuple[float, float]:
     if "nq" in c.tasks: n = c.nq_n or 3610; prompt += n * PROMPT_TOKENS["nq"]; gen += n * c.qa_max_new_tokens
     if "triviaqa" in c.tasks: n = c.triviaqa_n or 11313; prompt += n * PROMPT_TOKENS["nq"]; gen += n * c.qa_max_new_tokens
     if "mmlu" in c.tasks:
-        n = min(c.mmlu_per_subject or 10**9, 246) * (c.mmlu_subjects or 57) if c.mmlu_per_subject else 14042
+        n = (min(c.mmlu_per_subject, 246) if c.mmlu_per_subject else 246) * (c.mmlu_subjects or 57)   # 246 = 14,042 / 57
         prompt += n * PROMPT_TOKENS["mmlu"]
     if "humaneval" in c.tasks:
         n = (c.humaneval_n or 164) * c.humaneval_samples; prompt += n * PROMPT_TOKENS["humaneval"]; gen += n * c.humaneval_max_new_tokens
