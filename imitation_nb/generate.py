@@ -32,7 +32,9 @@ class GenerateConfig:
     temperature: float = 0.0         # 0 = greedy
     top_p: float = 1.0
     seed: int = 0
-    chat: str = "auto"               # auto (messages -> chat template, strings raw) | on | off
+    chat: str = "on"                 # the stage's prompts are user turns (held-out ShareGPT, Koala): on = every item
+                                     # through the model's (or the profile's) chat template | auto (messages ->
+                                     # template, strings raw) | off
     max_prompt_tokens: int = 4096    # longer prompts are cut from the left (the instruction end is kept)
     dtype: str = "auto"              # auto = fp32 on CPU, bf16 on capable GPUs
     device: str = "auto"

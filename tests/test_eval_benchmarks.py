@@ -270,3 +270,17 @@ def test_generate_to_file_resumes(gen, tmp_path):
     recs = generate_to_file(gen, items, f, max_new_tokens=6, stop=["\n"], progress=False)
     assert [r["id"] for r in read_jsonl(f)] == ["q0", "q1", "q2"]
     assert recs[2]["prompt"] == items[2]["prompt"] and recs[2]["n_new_tokens"] >= 1
+
+
+def test_generate_stage_sends_held_out_prompts_as_chat_turns(tmp_path):
+    "Held-out prompts are user turns: the stage renders them through the chat template (a raw string made the instruct model end at once)."
+    from imitation_nb.generate import run_generate_stage
+    from imitation_nb.core import read_jsonl, append_jsonl
+    prompts = tmp_path / "heldout_prompts.jsonl"
+    append_jsonl(prompts, [{"id": "p0", "prompt": "Help me design an aesthetic and comfortable living room.", "reference": "Sure."}])
+    subj = {"model": "smollm2-135m", "adapter": None, "role": "base", "model_family": "SmolLM2", "base_params_b": 0.135,
+            "imitation_data": "none", "data_tokens_m": 0.0, "label": "SmolLM2-135M"}
+    out = run_generate_stage("smoke", tmp_path / "run", subj, prompts)
+    rec = read_jsonl(out)[0]
+    assert rec["prompt"].startswith("<|im_start|>") and rec["prompt"].rstrip().endswith("<|im_start|>assistant")
+    assert "living room" in rec["prompt"] and rec["output"].strip() and rec["n_new_tokens"] > 5
