@@ -21,7 +21,8 @@ from .eval_judge import join_inputs, client_chat_fn, close_client, pair_stage_pa
 # %% auto #0
 __all__ = ['LIST_ITEM', 'SUMMARY_CUES', 'TONE_PROMPT', 'METRICS', 'StyleConfig', 'strip_code', 'is_list_item', 'has_list',
            'blocks', 'has_summary_paragraph', 'unigrams', 'n_words', 'unigram_intersection', 'pearson_row',
-           'tone_messages', 'parse_yes_no', 'style_metrics', 'style_rows', 'judge_tone', 'run_style_stage']
+           'tone_messages', 'parse_yes_no', 'parse_tone', 'style_metrics', 'style_rows', 'judge_tone',
+           'run_style_stage']
 
 # %% ../nbs/48_style.ipynb #1eac13f3
 @register_section("style")
@@ -117,6 +118,18 @@ def parse_yes_no(text: str | None) -> Optional[bool]:
     found = set(re.findall(r"\b(yes|no)\b", t))
     return (found.pop() == "yes") if len(found) == 1 else None
 
+def parse_tone(text: str | None) -> Optional[bool]:
+    """The tone judge's reply → True / False / None. A yes/no answer first (`parse_yes_no`); else a reply that
+    restates the question's words ("The response is written in an authoritative tone" → True; "... is not
+    authoritative" / "... is hesitant" → False). Anything else stays unparseable."""
+    v = parse_yes_no(text)
+    if v is not None: return v
+    t = (text or "").lower()
+    if re.search(r"\b(not|isn't|never|lacks?)\b[^.]{0,40}\bauthoritative\b|\b(hesitant|uncertain|evasive|rambling)\b", t):
+        return False
+    if re.search(r"\bauthoritative\b", t): return True
+    return None
+
 # %% ../nbs/48_style.ipynb #c4855ddc
 METRICS = {"style_list": ("If the teacher outputs a list, the model also outputs a list", "%"),
            "style_summary": ("If the teacher outputs a summary paragraph, the model also does", "%"),
@@ -145,7 +158,9 @@ def style_metrics(items: list[dict], cfg: StyleConfig, tone: list[Optional[bool]
     m["style_length_corr"] = pearson_row([p["len_out"] for p in per], [p["len_ref"] for p in per])
     if tone is not None:
         parsed = [t for t in tone if t is not None]
-        if parsed: m["style_authoritative"] = {**proportion_row(sum(parsed), len(parsed)), "_unparsed": len(tone) - len(parsed)}
+        empty = sum(1 for it, t in zip(items, tone) if t is None and not (it["output"] or "").strip())
+        if parsed: m["style_authoritative"] = {**proportion_row(sum(parsed), len(parsed)),
+                                               "_unparsed": len(tone) - len(parsed) - empty, "_empty": empty}
     return m, per
 
 def style_rows(m: dict, cfg: StyleConfig, judge_identity: str = "", subject: dict | None = None) -> list[dict]:
@@ -153,13 +168,14 @@ def style_rows(m: dict, cfg: StyleConfig, judge_identity: str = "", subject: dic
     rows = []
     for key, v in m.items():
         text, unit = METRICS[key]
-        v = dict(v); unparsed = v.pop("_unparsed", None)
+        v = dict(v); unparsed = v.pop("_unparsed", None); empty = v.pop("_empty", 0)
         tone = key == "style_authoritative"
         note = {"style_list": f"conditional on the reference having a list (>= {cfg.min_list_items} bullet/enumerated lines); Wilson CI",
                 "style_summary": "conditional on the reference having a summary paragraph (cue-opened closing paragraph); Wilson CI",
                 "style_unigram": "mean over prompts; std = s.e.; CI = bootstrap",
                 "style_length_corr": "word counts; std = approx. s.e.; CI = Fisher z",
-                "style_authoritative": f"yes/no judge question; {unparsed} unparseable replies excluded; Wilson CI"
+                "style_authoritative": f"yes/no judge question; {unparsed} unparseable replies and {empty} empty answers "
+                                       "(not asked) excluded; Wilson CI"
                                        + (" WEAK JUDGE (small local model): indicative only." if cfg.weak_judge else "")}[key]
         ev = (judge_identity + (" [weak judge]" if cfg.weak_judge else "")) if tone else "rule-based detectors (style notebook)"
         rows.append({"figure_or_table": "Table 2", "metric": text, "metric_key": key, "unit": unit, "exactness": "measured",
@@ -169,10 +185,13 @@ def style_rows(m: dict, cfg: StyleConfig, judge_identity: str = "", subject: dic
 # %% ../nbs/48_style.ipynb #5df62afb
 def judge_tone(items: list[dict], chat_fn: Callable, cfg: StyleConfig, batch: int = 16) -> tuple[list[Optional[bool]], list[str]]:
     "Ask the judge whether each output is authoritative: (parsed answers, raw replies)."
-    raw = []
-    for s in range(0, len(items), batch):
-        raw += chat_fn([tone_messages(it["prompt"], it["output"], cfg.max_answer_chars) for it in items[s:s + batch]])
-    return [parse_yes_no(r) for r in raw], raw
+    ask = [i for i, it in enumerate(items) if (it["output"] or "").strip()]   # an empty answer has no tone: not asked
+    got = []
+    for s in range(0, len(ask), batch):
+        got += chat_fn([tone_messages(items[i]["prompt"], items[i]["output"], cfg.max_answer_chars) for i in ask[s:s + batch]])
+    raw = [None] * len(items)
+    for i, r in zip(ask, got): raw[i] = r
+    return [parse_tone(r) if r is not None else None for r in raw], raw
 
 def run_style_stage(profile: str, subject: dict, generations_file=None, references_file=None, run_dir=None,
                     chat_fn: Callable | None = None, judge_identity: str | None = None) -> Path:
