@@ -100,7 +100,7 @@ def load_pairs(generations_file, references_file) -> list[dict]:
         g = gens[k]
         prompt = r["prompt"] or g["prompt"]
         if not isinstance(prompt, str) or not prompt.strip(): raise ValueError(f"{references_file}: id {k!r}: no prompt")
-        if isinstance(g["prompt"], str) and isinstance(r["prompt"], str) and g["prompt"].strip() != r["prompt"].strip():
+        if isinstance(g["prompt"], str) and isinstance(r["prompt"], str) and r["prompt"].strip() not in g["prompt"]:   # generations keep the rendered (chat-template) text
             raise ValueError(f"id {k!r}: the prompt differs between {generations_file} and {references_file}")
         pairs.append({"id": k, "prompt": prompt, "model": g["text"], "teacher": r["text"]})
     if missing: warnings.warn(f"{len(missing)} reference id(s) have no generation (e.g. {missing[:3]}); skipped")
