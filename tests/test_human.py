@@ -399,3 +399,21 @@ def test_concurrent_raters_on_real_server(study10, tmp_path):
     assert errors == []
     rows = RatingsDB(db_path, study10.study_id).judgements()
     assert len(rows) == 40 and len({(r["rater"], r["item_id"]) for r in rows}) == 40
+
+
+def test_load_pairs_accepts_chat_rendered_prompts_and_still_rejects_others(tmp_path):
+    "Generations store the exact text fed to the model (the SmolLM2 chat rendering); a different prompt is still an error."
+    from imitation_nb.generate import render_prompt
+    from imitation_nb.models import load_tokenizer
+    tok = load_tokenizer("smollm2-135m-instruct")
+    q = "Help me design an aesthetic and comfortable living room."
+    rendered, _ = render_prompt(tok, {"prompt": q}, "on")
+    assert rendered != q and q in rendered and "<|im_start|>" in rendered
+    refs, gens = tmp_path / "refs.jsonl", tmp_path / "gens.jsonl"
+    refs.write_text(json.dumps({"id": "p0", "prompt": q, "reference": "Start with a neutral palette."}) + "\n")
+    gens.write_text(json.dumps({"id": "p0", "prompt": rendered, "output": "Use plants."}) + "\n")
+    pairs = load_pairs(gens, refs)
+    assert pairs == [{"id": "p0", "prompt": q, "model": "Use plants.", "teacher": "Start with a neutral palette."}]
+    gens.write_text(json.dumps({"id": "p0", "prompt": rendered.replace("living room", "kitchen"), "output": "x"}) + "\n")
+    with pytest.raises(ValueError, match="the prompt differs"):
+        load_pairs(gens, refs)
