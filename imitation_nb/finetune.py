@@ -7,7 +7,7 @@ Docs: https://imitation-nb.github.io/imitation_nb/finetune.html.md"""
 # %% ../nbs/30_finetune.ipynb #82c9d03f
 from __future__ import annotations
 
-import json, math, os, random, shutil, signal, sys, time, warnings
+import functools, json, math, os, random, shutil, signal, sys, time, warnings
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 from typing import Optional
@@ -278,22 +278,70 @@ class BlockCollator:
         return out
 
 # %% ../nbs/30_finetune.ipynb #2a8c6582
+def _head_ce_chunks(h, weight, tgt, chunk: int, soft=None, want_grad: bool = True):
+    """Sum of cross-entropies of `h @ weight.T` against `tgt` (rows of `h` are positions that have a target),
+    in chunks of `chunk` rows, with the gradients w.r.t. `h` (and `weight`, when it is trained) computed in the
+    same pass: d loss / d logits = softmax - onehot (times the soft-cap's tanh derivative)."""
+    import torch
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    gh = torch.empty_like(h) if want_grad else None
+    gw = torch.zeros_like(weight, dtype=torch.float32) if want_grad and weight.requires_grad else None
+    for s in range(0, h.shape[0], chunk):
+        hc, tc = h[s:s + chunk], tgt[s:s + chunk]
+        lg = (hc @ weight.T).float()
+        if soft:
+            th = torch.tanh(lg / soft); lg = th * soft
+        lse = torch.logsumexp(lg, -1)
+        total += (lse - lg.gather(1, tc[:, None]).squeeze(1)).sum()
+        if not want_grad: continue
+        d = lg.sub_(lse[:, None]).exp_()                  # softmax, in place of the logits
+        d[torch.arange(len(tc), device=d.device), tc] -= 1
+        if soft: d *= 1 - th * th
+        gh[s:s + chunk] = (d.to(weight.dtype) @ weight).to(h.dtype)
+        if gw is not None: gw += d.T @ hc.float()
+    return total, gh, gw
+
+@functools.cache
+def _fused_head_ce():
+    import torch
+    class FusedHeadCE(torch.autograd.Function):
+        "LM head + summed cross-entropy whose backward is the gradient kept from the forward (no recompute)."
+        @staticmethod
+        def forward(ctx, h, weight, tgt, chunk, soft):
+            total, gh, gw = _head_ce_chunks(h, weight, tgt, chunk, soft, want_grad=True)
+            ctx.save_for_backward(gh, gw if gw is not None else torch.empty(0))
+            ctx.has_gw, ctx.w_dtype = gw is not None, weight.dtype
+            return total
+        @staticmethod
+        def backward(ctx, g):
+            gh, gw = ctx.saved_tensors
+            return gh * g, ((gw * g).to(ctx.w_dtype) if ctx.has_gw else None), None, None, None
+    return FusedHeadCE
+
 def _lm_loss_chunked(model, inputs, chunk: int):
-    """Sum of token losses computed through the LM head in chunks of `chunk` positions, each recomputed in the
-    backward pass (torch checkpoint): the full (tokens x vocabulary) logits never exist at once."""
+    """Sum of token losses over the positions that have a target (assistant tokens), the LM head applied only
+    there, in chunks of `chunk` positions: the (tokens x vocabulary) logits never exist at once and no logit is
+    computed for a user/system/padding position. With a plain linear head the gradient is formed in the
+    forward pass (`FusedHeadCE`: one head matmul forward, one backward); other heads (a LoRA-wrapped or
+    biased head) are recomputed in the backward pass by torch checkpointing."""
     import torch, torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     kw = {k: v for k, v in inputs.items() if k in ("input_ids", "position_ids", "attention_mask")}
     h = base.model(**kw, use_cache=False).last_hidden_state
     labels = inputs["labels"]
-    tgt = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)   # next-token targets
+    tgt = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1).reshape(-1)   # next-token targets
+    keep = (tgt != -100).nonzero().squeeze(1)
+    h2, t2 = h.reshape(-1, h.shape[-1]).index_select(0, keep), tgt.index_select(0, keep)
     head, soft = base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
+    if type(head) is torch.nn.Linear and head.bias is None:
+        if not (torch.is_grad_enabled() and (h2.requires_grad or head.weight.requires_grad)):
+            return _head_ce_chunks(h2, head.weight, t2, chunk, soft, want_grad=False)[0]
+        return _fused_head_ce().apply(h2, head.weight, t2, chunk, soft)
     def piece(hc, tc):
         lg = head(hc).float()
         if soft: lg = torch.tanh(lg / soft) * soft
-        return F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tc.reshape(-1), ignore_index=-100, reduction="sum")
-    h2, t2 = h.reshape(-1, h.shape[-1]), tgt.reshape(-1)
+        return F.cross_entropy(lg, tc, reduction="sum")
     total = h.new_zeros((), dtype=torch.float32)
     for s in range(0, h2.shape[0], chunk):
         total = total + checkpoint(piece, h2[s:s + chunk], t2[s:s + chunk], use_reentrant=False)
@@ -641,8 +689,8 @@ def merge_adapter(base_spec: str, adapter_dir, out_dir, dtype: str = "float32") 
     """Merge a LoRA adapter into a full-precision copy of its base (`merge_and_unload` on a non-quantized
     reload, never on the 4-bit weights) and save a standalone HF model folder (+ tokenizer), atomically."""
     from imitation_nb.models import load_model, load_tokenizer
-    model = load_model(base_spec, quantization="none", dtype=dtype, device="cpu", adapter=str(adapter_dir))
-    merged = model.merge_and_unload()
+    merged = load_model(base_spec, quantization="none", dtype=dtype, device="cpu", adapter=str(adapter_dir),
+                        merge_adapter=True)
     out = Path(out_dir); out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}"); shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp); load_tokenizer(base_spec).save_pretrained(tmp)

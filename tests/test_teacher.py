@@ -260,7 +260,10 @@ def test_serve_lora_adapter(tmp_path):
     pm = get_peft_model(load_model(MODEL), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     pm.save_pretrained(tmp_path / "my-adapter"); del pm
     base, ad = LocalChatModel(MODEL), LocalChatModel(MODEL, adapter=str(tmp_path / "my-adapter"))
-    assert type(ad.model).__name__ == "PeftModel" and ad.fingerprint != base.fingerprint
+    # the adapter is merged into the fp32 weights for serving: a LoRA target differs from the base's, the rest not
+    assert ad.fingerprint != base.fingerprint
+    assert not torch.equal(ad.model.model.layers[0].self_attn.q_proj.weight, base.model.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(ad.model.model.layers[0].self_attn.k_proj.weight, base.model.model.layers[0].self_attn.k_proj.weight)
     q = [{"role": "user", "content": "Name a color."}]
     name = default_served_name(MODEL, str(tmp_path / "my-adapter"))
     assert name == f"{MODEL}+my-adapter"
