@@ -584,10 +584,15 @@ def finetune(base_spec: str, train_data, cfg=None, out_dir="finetune_out", heldo
     JsonlLog, BudgetSaver = _make_callbacks()
     Trainer = _make_trainer_cls()
     use_bf16 = device.startswith("cuda") and str(next(model.parameters()).dtype) == "torch.bfloat16"
-    warmup = cfg.warmup_steps
-    if warmup and warmup >= total_steps:     # a warm-up as long as the run: its steps would train at lr ~ 0
-        warmup = total_steps // 2
-        warnings.warn(f"warmup_steps={cfg.warmup_steps} >= the run's {total_steps} steps: warm-up cut to {warmup} "
+    # a warm-up as long as the run (or as the smallest nested budget) trains those steps at lr ~ 0: the first
+    # warm-up step has learning rate 0 exactly, so a budget saved after it would be the base model unchanged.
+    # The cut depends only on the steps up to the smallest budget, so a run on that budget's file alone gets
+    # the same schedule (nested budgets stay exact prefixes).
+    warmup, first = cfg.warmup_steps, min([total_steps, *at_steps])
+    if warmup and warmup >= first:
+        warmup = first // 2
+        what = "run" if first == total_steps else f"smallest budget ({', '.join(at_steps[first])}M)"
+        warnings.warn(f"warmup_steps={cfg.warmup_steps} >= the {first} steps of the {what}: warm-up cut to {warmup} "
                       "(with 1 step and any warm-up, the only step would have learning rate 0)")
     args = TrainingArguments(
         output_dir=str(out / "checkpoints"), per_device_train_batch_size=cfg.per_device_batch_size,

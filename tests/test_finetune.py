@@ -167,7 +167,7 @@ def test_merge_matches_adapter_logits(data, tmp_path):
     tok = load_tokenizer(SPEC)
     ids = tok("Explain why the sky is blue.", return_tensors="pt").input_ids
     with torch.no_grad():
-        la = load_model(SPEC, adapter=str(run / "adapter"))(ids).logits
+        la = load_model(SPEC, adapter=str(run / "adapter"), merge_adapter=False)(ids).logits   # the peft model
         lm = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(ids).logits
         l0 = load_model(SPEC)(ids).logits
     assert (la - lm).abs().max().item() < 1e-3
@@ -201,3 +201,24 @@ def test_a_run_shorter_than_its_warmup_still_learns(data, tmp_path):
     log = [json.loads(l) for l in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     lrs = [r["learning_rate"] for r in log if "learning_rate" in r]
     assert lrs and lrs[0] == pytest.approx(1e-3), lrs
+
+
+def test_the_smallest_nested_budget_is_not_all_warmup(tmp_path):
+    """The mini data sweep's case: warmup_steps 5 and a smallest budget saved after step 1. Without the cut that
+    adapter was the base model unchanged (step 1 has learning rate 0); now it is trained and differs from zero."""
+    from safetensors.torch import load_file
+    from imitation_nb.finetune import encode_conversations
+    from imitation_nb.models import load_tokenizer
+    convs = [dict(c, order=i) for i, c in enumerate(sharegpt_sample(4, max_chars=400))]
+    append_jsonl(tmp_path / "all.jsonl", convs)
+    enc = encode_conversations(load_tokenizer(SPEC), convs)
+    b = enc[0]["n_trained"] / 1e6                       # the first conversation only
+    cfg = tiny_cfg(max_steps=-1, max_train_conversations=0, block_size=256, warmup_steps=5, lr=1e-3)
+    with pytest.warns(UserWarning, match="smallest budget"):
+        out = finetune(SPEC, tmp_path / "all.jsonl", cfg, tmp_path / "run", save_at_budgets_m=[b])
+    step = out["budgets"][f"{b:g}"]["step"]
+    log = [json.loads(l) for l in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    lrs = [r["learning_rate"] for r in log if "learning_rate" in r][:step]
+    assert any(lr > 0 for lr in lrs), lrs
+    A = load_file(str(tmp_path / "run" / "adapters" / f"{b:g}" / "adapter_model.safetensors"))
+    assert max(A[k].abs().max().item() for k in A if "lora_B" in k) > 0     # LoRA B starts at zero
