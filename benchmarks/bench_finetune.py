@@ -7,13 +7,20 @@ base, and MFU against an fp32 GEMM peak measured at the start of the run.
 FLOPs per step = 6 * N_trainable * T + 4 * N_frozen * T (forward 2N, backward 4N for trainable weights but only
 the 2N activation-gradient half for frozen ones), T = every token position processed (padding included).
 
-usage: python benchmarks/bench_finetune.py [--n-conv 300] [--block 256] [--batch 4] [--steps 3] [--threads 2]
+Our arm runs the trainer as the profiles configure it: packed blocks and `loss_chunk_tokens` > 0 (LM head and
+loss only at positions with a target, gradient formed in the forward pass); the naive arm uses the model's own
+loss (logits at every position). `--spec gemma3-270m` (262k vocabulary: the head is 168M of 268M parameters)
+shows the head's share; the default is SmolLM2-135M-Instruct.
+
+usage: python benchmarks/bench_finetune.py [--spec smollm2-135m-instruct] [--n-conv 300] [--block 256] [--batch 4]
+                                           [--steps 3] [--threads 2] [--loss-chunk 1024]
 """
 import argparse, json, os, subprocess, sys, tempfile, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = "smollm2-135m-instruct"
+TEMPLATES = {"gemma3-270m": "gemma3-plain"}     # the base without a chat template gets the profiles' one
 
 
 def gemm_peak(threads: int, n: int = 2048, reps: int = 5) -> float:
@@ -28,7 +35,8 @@ def gemm_peak(threads: int, n: int = 2048, reps: int = 5) -> float:
     return best[len(best) // 2]          # median GFLOP/s * 1e9
 
 
-def arm(kind: str, method: str, data: str, block: int, batch: int, steps: int, threads: int) -> dict:
+def arm(kind: str, method: str, data: str, block: int, batch: int, steps: int, threads: int,
+        spec: str = SPEC, loss_chunk: int = 1024) -> dict:
     """One measured arm (runs inside a subprocess). kind: ours | naive."""
     import resource, torch
     torch.set_num_threads(threads)
@@ -37,11 +45,11 @@ def arm(kind: str, method: str, data: str, block: int, batch: int, steps: int, t
                                        _make_trainer_cls)
     from imitation_nb.models import load_tokenizer
     from transformers import Trainer, TrainingArguments, TrainerCallback, DataCollatorForSeq2Seq
-    tok = load_tokenizer(SPEC)
+    tok = load_tokenizer(spec)
     convs = load_conversations(data)
-    enc = encode_conversations(tok, convs)
+    enc = encode_conversations(tok, convs, TEMPLATES.get(spec))
     cfg = FinetuneConfig(method=method, block_size=block, per_device_batch_size=batch, lr=2e-4)
-    model, _ = build_model(SPEC, cfg, "cpu")
+    model, _ = build_model(spec, cfg, "cpu")
     params = _count_params(model)
     if kind == "ours":
         rows = pack_blocks(enc, block, pad_id=tok.pad_token_id)
@@ -66,6 +74,7 @@ def arm(kind: str, method: str, data: str, block: int, batch: int, steps: int, t
                              save_strategy="no", logging_strategy="no", remove_unused_columns=False,
                              disable_tqdm=True, optim="adamw_torch", dataloader_num_workers=0)
     tr = T(model=model, args=args, train_dataset=rows, data_collator=counting, callbacks=[Timer()])
+    if kind == "ours": tr.loss_chunk_tokens = loss_chunk
     tr.train()
     k = min(len(stats["t"]), len(stats["useful"]))
     # the first step is a warm-up and is not timed
@@ -84,12 +93,14 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--spec", default=SPEC)
+    ap.add_argument("--loss-chunk", type=int, default=1024)
     ap.add_argument("--arm", default=None)            # internal: run one arm and print its JSON
     ap.add_argument("--data", default=None)
     a = ap.parse_args()
     if a.arm:
         kind, method = a.arm.split(":")
-        print("RESULT " + json.dumps(arm(kind, method, a.data, a.block, a.batch, a.steps, a.threads)))
+        print("RESULT " + json.dumps(arm(kind, method, a.data, a.block, a.batch, a.steps, a.threads, a.spec, a.loss_chunk)))
         return
     from imitation_nb.core import append_jsonl
     from imitation_nb.finetune import sharegpt_sample
@@ -104,7 +115,8 @@ def main():
     for spec in ("naive:lora", "ours:lora", "ours:qlora"):
         r = subprocess.run([sys.executable, __file__, "--arm", spec, "--data", str(tmp / "convs.jsonl"),
                             "--block", str(a.block), "--batch", str(a.batch), "--steps", str(a.steps),
-                            "--threads", str(a.threads)], env=env, capture_output=True, text=True)
+                            "--threads", str(a.threads), "--spec", a.spec, "--loss-chunk", str(a.loss_chunk)],
+                           env=env, capture_output=True, text=True)
         line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
         if r.returncode or not line: sys.exit(f"arm {spec} failed:\n{r.stderr[-3000:]}")
         res[spec] = json.loads(line[0][7:])

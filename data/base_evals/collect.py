@@ -10,8 +10,22 @@ for name, subj in SUBJ.items():
     d = root / "runs" / "base_evals" / name
     if not d.exists(): status[name] = "not started"; continue
     od = out / name; od.mkdir(exist_ok=True)
+    # merge, never overwrite: a task measured in an earlier run directory (e.g. SmolLM2's NQ-open 500 of
+    # 2026-11-24) keeps its committed rows and summary entry unless this run measured it again
+    import pandas as pd
+    old_res = pd.read_csv(od / "results.csv") if (od / "results.csv").exists() else None
+    old_sum = json.loads((od / "summary.json").read_text()) if (od / "summary.json").exists() else {}
     for f in ("manifest.json", "summary.json", "results.csv"):
         if (d / f).exists(): shutil.copy(d / f, od / f)
+    if old_res is not None and (od / "results.csv").exists():
+        new_res = pd.read_csv(od / "results.csv")
+        keep = old_res[~old_res.metric_key.isin(set(new_res.metric_key))]
+        pd.concat([keep, new_res], ignore_index=True).to_csv(od / "results.csv", index=False)
+    if old_sum and (od / "summary.json").exists():
+        new_sum = json.loads((od / "summary.json").read_text())
+        merged = {**{k: v for k, v in old_sum.items() if k != "wall_s"}, **{k: v for k, v in new_sum.items() if k != "wall_s"}}
+        merged["wall_s"] = {**old_sum.get("wall_s", {}), **new_sum.get("wall_s", {})}
+        (od / "summary.json").write_text(json.dumps(merged, indent=2) + "\n")
     st = {"finished_tasks": list(json.loads((d / "summary.json").read_text()).get("wall_s", {})) if (d / "summary.json").exists() else []}
     gens = {r["id"]: r for r in read_jsonl(d / "nq_generations.jsonl")}
     if gens and "nq" not in st["finished_tasks"]:
