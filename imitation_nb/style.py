@@ -19,8 +19,8 @@ from .core import register_section, bootstrap_ci, proportion_row, subject_fields
 from .eval_judge import join_inputs, client_chat_fn, close_client, pair_stage_params, add_pair_inputs
 
 # %% auto #0
-__all__ = ['LIST_ITEM', 'SUMMARY_CUES', 'TONE_PROMPT', 'METRICS', 'StyleConfig', 'strip_code', 'is_list_item', 'has_list',
-           'blocks', 'has_summary_paragraph', 'unigrams', 'n_words', 'unigram_intersection', 'pearson_row',
+__all__ = ['LIST_ITEM', 'SUMMARY_CUES', 'TONE_PROMPT', 'TONE_SHOTS', 'METRICS', 'StyleConfig', 'strip_code', 'is_list_item',
+           'has_list', 'blocks', 'has_summary_paragraph', 'unigrams', 'n_words', 'unigram_intersection', 'pearson_row',
            'tone_messages', 'parse_yes_no', 'parse_tone', 'style_metrics', 'style_rows', 'judge_tone',
            'run_style_stage']
 
@@ -32,6 +32,7 @@ class StyleConfig:
     n_prompts: int = 0                # first n prompts of the references file (0 = all)
     min_list_items: int = 2           # list = at least this many bullet/enumerated lines
     authoritative: bool = True        # ask the judge about the tone (needs the `judge` section / a chat_fn)
+    tone_shots: int = 2               # worked examples (one Yes, one No) before the question; 0 = zero-shot
     max_answer_chars: int = 4000
     weak_judge: bool = True           # label the tone row as coming from a weak (small local) judge
     n_boot: int = 1000
@@ -106,9 +107,20 @@ TONE_PROMPT = ("Below is a user's request and an assistant's response.\n\n[Reque
                "(regardless of whether it is correct), rather than hesitant, uncertain, rambling or evasive? "
                "Answer with one word: Yes or No.")
 
-def tone_messages(prompt: str, response: str, max_chars: int = 4000) -> list[dict]:
+# worked examples shown as earlier chat turns (`tone_shots`): one clearly authoritative answer, one clearly hesitant one
+TONE_SHOTS = [("How many legs does a spider have?",
+               "A spider has eight legs. All spiders belong to the class Arachnida, whose members have four pairs of legs.", "Yes"),
+              ("What is the capital of Australia?",
+               "Hmm, I'm not really sure, maybe it could be Sydney? Or possibly somewhere else, I don't know.", "No")]
+
+def tone_messages(prompt: str, response: str, max_chars: int = 4000, shots: int = 0) -> list[dict]:
+    "The tone question as chat messages, after `shots` worked examples (user question → one-word assistant verdict)."
+    if not 0 <= shots <= len(TONE_SHOTS): raise ValueError(f"style.tone_shots must be 0..{len(TONE_SHOTS)}, got {shots}")
     cut = lambda t: (t or "") if len(t or "") <= max_chars else t[:max_chars] + " [...]"
-    return [{"role": "user", "content": TONE_PROMPT.format(prompt=cut(prompt), response=cut(response))}]
+    msgs = []
+    for q, a, verdict in TONE_SHOTS[:shots]:
+        msgs += [{"role": "user", "content": TONE_PROMPT.format(prompt=q, response=a)}, {"role": "assistant", "content": verdict}]
+    return msgs + [{"role": "user", "content": TONE_PROMPT.format(prompt=cut(prompt), response=cut(response))}]
 
 def parse_yes_no(text: str | None) -> Optional[bool]:
     "A judge's yes/no reply → True / False / None (unparseable)."
@@ -174,7 +186,7 @@ def style_rows(m: dict, cfg: StyleConfig, judge_identity: str = "", subject: dic
                 "style_summary": "conditional on the reference having a summary paragraph (cue-opened closing paragraph); Wilson CI",
                 "style_unigram": "mean over prompts; std = s.e.; CI = bootstrap",
                 "style_length_corr": "word counts; std = approx. s.e.; CI = Fisher z",
-                "style_authoritative": f"yes/no judge question; {unparsed} unparseable replies and {empty} empty answers "
+                "style_authoritative": f"yes/no judge question ({cfg.tone_shots}-shot); {unparsed} unparseable replies and {empty} empty answers "
                                        "(not asked) excluded; Wilson CI"
                                        + (" WEAK JUDGE (small local model): indicative only." if cfg.weak_judge else "")}[key]
         ev = (judge_identity + (" [weak judge]" if cfg.weak_judge else "")) if tone else "rule-based detectors (style notebook)"
@@ -188,7 +200,7 @@ def judge_tone(items: list[dict], chat_fn: Callable, cfg: StyleConfig, batch: in
     ask = [i for i, it in enumerate(items) if (it["output"] or "").strip()]   # an empty answer has no tone: not asked
     got = []
     for s in range(0, len(ask), batch):
-        got += chat_fn([tone_messages(items[i]["prompt"], items[i]["output"], cfg.max_answer_chars) for i in ask[s:s + batch]])
+        got += chat_fn([tone_messages(items[i]["prompt"], items[i]["output"], cfg.max_answer_chars, cfg.tone_shots) for i in ask[s:s + batch]])
     raw = [None] * len(items)
     for i, r in zip(ask, got): raw[i] = r
     return [parse_tone(r) if r is not None else None for r in raw], raw
