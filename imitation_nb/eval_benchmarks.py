@@ -374,6 +374,8 @@ def run_eval_benchmarks(profile: str, run_dir=None, subject: dict | None = None,
         gen = make_generator(prof, subject, prof.section("generate"))
         run.add_model("subject", gen.info())
         summary, walls = {}, {}
+        # seconds per task summed over attempts: a resumed task adds only the time it still needed
+        prev = json.loads((d / "summary.json").read_text()).get("wall_s", {}) if (d / "summary.json").exists() else {}
         run.extra["task_wall_s"] = walls
         for task in tasks:
             t0 = time.time()
@@ -409,7 +411,7 @@ def run_eval_benchmarks(profile: str, run_dir=None, subject: dict | None = None,
                                               "pass@1": 100 * sum(p["pass@1"] for p in per) / max(1, len(per))}
             from imitation_nb.core import atomic_write_text, to_json
             atomic_write_text(d / f"per_item_{task}.jsonl", "".join(to_json(p) + "\n" for p in per))
-            walls[task] = round(time.time() - t0, 1)
+            walls[task] = round(prev.get(task, 0.0) + time.time() - t0, 1)
             summary.setdefault("wall_s", {})[task] = walls[task]
             atomic_write_json(d / "summary.json", summary)
         run.add_output("results", d / "results.csv"); run.add_output("summary", d / "summary.json")

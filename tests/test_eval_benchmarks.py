@@ -3,7 +3,7 @@ containment, and the generation engine on the embedded SmolLM2-135M-Instruct.
 
 Run: `HF_HUB_OFFLINE=1 pytest tests/test_eval_benchmarks.py` (about 3-6 minutes on a busy 2-core CPU).
 """
-import os, signal, subprocess, sys, time
+import json, os, signal, subprocess, sys, time
 from pathlib import Path
 
 import pytest
@@ -284,3 +284,18 @@ def test_generate_stage_sends_held_out_prompts_as_chat_turns(tmp_path):
     rec = read_jsonl(out)[0]
     assert rec["prompt"].startswith("<|im_start|>") and rec["prompt"].rstrip().endswith("<|im_start|>assistant")
     assert "living room" in rec["prompt"] and rec["output"].strip() and rec["n_new_tokens"] > 5
+
+
+def test_task_wall_time_sums_over_attempts(tmp_path):
+    "A resumed evaluation keeps the seconds its earlier attempt spent on a task (a cached rerun adds only its own)."
+    from imitation_nb.eval_benchmarks import run_eval_benchmarks
+    subj = {"model": "smollm2-135m", "adapter": None, "role": "base", "model_family": "SmolLM2", "base_params_b": 0.135,
+            "imitation_data": "none", "data_tokens_m": 0.0, "label": "SmolLM2-135M"}
+    sizes = {"nq_n": 2, "qa_max_new_tokens": 4}
+    wall = lambda d: json.loads((d / "summary.json").read_text())["wall_s"]["nq"]
+    d = run_eval_benchmarks("smoke", tmp_path / "run", subj, ["nq"], sizes, threads=1)
+    first = wall(d)
+    d2 = run_eval_benchmarks("smoke", tmp_path / "run", subj, ["nq"], sizes, threads=1)   # everything cached now
+    assert d2 == d and first > 0
+    assert first <= wall(d2) < first + 5, (first, wall(d2))
+    assert json.loads((d / "manifest.json").read_text())["extra"]["task_wall_s"]["nq"] == wall(d2)

@@ -5,10 +5,11 @@ from imitation_nb.core import read_jsonl, append_results, read_manifest
 from imitation_nb.eval_benchmarks import load_nq, seeded_subset, first_line, exact_match, qa_rows, load_humaneval
 from oneoff import SUBJ, SIZES
 root = Path(__file__).resolve().parents[2]; out = root / "data" / "base_evals"; out.mkdir(parents=True, exist_ok=True)
-status = {}
+# status of a model whose run directory is not on this machine is kept as committed
+status = json.loads((out / "status.json").read_text()) if (out / "status.json").exists() else {}
 for name, subj in SUBJ.items():
     d = root / "runs" / "base_evals" / name
-    if not d.exists(): status[name] = "not started"; continue
+    if not d.exists(): status.setdefault(name, "not started"); continue
     od = out / name; od.mkdir(exist_ok=True)
     # merge, never overwrite: a task measured in an earlier run directory (e.g. SmolLM2's NQ-open 500 of
     # 2026-11-24) keeps its committed rows and summary entry unless this run measured it again
