@@ -11,13 +11,16 @@ share of the timed tokens matches the epoch's (the first few blocks of the sampl
 FLOPs per step = 6 * N_trainable * T + 4 * N_frozen * T (forward 2N, backward 4N for trainable weights but only
 the 2N activation-gradient half for frozen ones), T = every token position processed (padding included).
 
-Our arm runs the trainer as the profiles configure it: packed blocks and `loss_chunk_tokens` > 0 (LM head and
-loss only at positions with a target, gradient formed in the forward pass); the naive arm uses the model's own
-loss (logits at every position). `--spec gemma3-270m` (262k vocabulary: the head is 168M of 268M parameters)
+Our arm runs the trainer as the profiles configure it: packed blocks, `loss_chunk_tokens` > 0 (LM head and
+loss only at positions with a target, gradient formed in the forward pass), attention per packed piece
+(`packed_sdpa`) and the cheaper LoRA dropout mask (`FastDropout`), both from `train_kernels`; the naive arm is
+the plain peft model (transformers' SDPA with a mask, torch's dropout) and uses the model's own loss (logits at
+every position). `--ablate` adds an arm "ours, plain kernels" (packing and the chunked head only) to separate
+the two contributions. `--spec gemma3-270m` (262k vocabulary: the head is 168M of 268M parameters)
 shows the head's share; the default is SmolLM2-135M-Instruct.
 
 usage: python benchmarks/bench_finetune.py [--spec smollm2-135m-instruct] [--n-conv 300] [--block 256] [--batch 4]
-                                           [--steps 3] [--threads 2] [--loss-chunk 1024]
+                                           [--steps 3] [--threads 2] [--loss-chunk 1024] [--ablate]
 """
 import argparse, json, os, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -40,8 +43,8 @@ def gemm_peak(threads: int, n: int = 2048, reps: int = 5) -> float:
 
 
 def arm(kind: str, method: str, data: str, block: int, batch: int, steps: int, threads: int,
-        spec: str = SPEC, loss_chunk: int = 1024) -> dict:
-    """One measured arm (runs inside a subprocess). kind: ours | naive."""
+        spec: str = SPEC, loss_chunk: int = 1024, kernels: bool = True) -> dict:
+    """One measured arm (runs inside a subprocess). kind: ours | naive; kernels: our attention and dropout (ours only)."""
     import resource, torch
     torch.set_num_threads(threads)
     from imitation_nb.finetune import (FinetuneConfig, BlockCollator, build_model, encode_conversations,
@@ -52,7 +55,9 @@ def arm(kind: str, method: str, data: str, block: int, batch: int, steps: int, t
     tok = load_tokenizer(spec)
     convs = load_conversations(data)
     enc = encode_conversations(tok, convs, TEMPLATES.get(spec))
-    cfg = FinetuneConfig(method=method, block_size=block, per_device_batch_size=batch, lr=2e-4)
+    plain = kind == "naive" or not kernels      # the peft model as transformers and peft build it
+    cfg = FinetuneConfig(method=method, block_size=block, per_device_batch_size=batch, lr=2e-4,
+                         attention="sdpa" if plain else "auto", fast_dropout=not plain)
     model, _ = build_model(spec, cfg, "cpu")
     params = _count_params(model)
     if kind == "ours":
@@ -90,7 +95,8 @@ def arm(kind: str, method: str, data: str, block: int, batch: int, steps: int, t
     # the first step is a warm-up and is not timed
     t = sum(stats["t"][1:k]); useful = sum(stats["useful"][1:k]); pos = sum(stats["positions"][1:k])
     flops = (6 * params["trainable"] + 4 * params["frozen"]) * pos
-    return {"kind": kind, "method": method, "steps_timed": steps, "seconds": t, "useful_tokens": useful,
+    return {"kind": kind, "method": method, "kernels": not plain, "attention": model.config._attn_implementation,
+            "steps_timed": steps, "seconds": t, "useful_tokens": useful,
             "positions": pos, "useful_tok_s": useful / t, "flops_per_s": flops / t, "params": params,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "useful_share_of_positions": useful / pos, "step_seconds": stats["t"],
@@ -106,12 +112,14 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--spec", default=SPEC)
     ap.add_argument("--loss-chunk", type=int, default=1024)
+    ap.add_argument("--ablate", action="store_true", help="also time ours without train_kernels")
     ap.add_argument("--arm", default=None)            # internal: run one arm and print its JSON
     ap.add_argument("--data", default=None)
     a = ap.parse_args()
     if a.arm:
-        kind, method = a.arm.split(":")
-        print("RESULT " + json.dumps(arm(kind, method, a.data, a.block, a.batch, a.steps, a.threads, a.spec, a.loss_chunk)))
+        kind, method, *plain = a.arm.split(":")
+        print("RESULT " + json.dumps(arm(kind, method, a.data, a.block, a.batch, a.steps, a.threads, a.spec,
+                                         a.loss_chunk, kernels=not plain)))
         return
     from imitation_nb.core import append_jsonl
     from imitation_nb.finetune import sharegpt_sample
@@ -123,7 +131,7 @@ def main():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
            "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     res = {}
-    for spec in ("naive:lora", "ours:lora", "ours:qlora"):
+    for spec in ("naive:lora", "ours:lora", "ours:qlora") + (("ours:lora:plain",) if a.ablate else ()):
         r = subprocess.run([sys.executable, __file__, "--arm", spec, "--data", str(tmp / "convs.jsonl"),
                             "--block", str(a.block), "--batch", str(a.batch), "--steps", str(a.steps),
                             "--threads", str(a.threads), "--spec", a.spec, "--loss-chunk", str(a.loss_chunk)],
@@ -132,7 +140,7 @@ def main():
         if r.returncode or not line: sys.exit(f"arm {spec} failed:\n{r.stderr[-3000:]}")
         res[spec] = json.loads(line[0][7:])
         x = res[spec]
-        print(f"{spec:<11} useful {x['useful_tok_s']:7.1f} tok/s  positions {x['positions']:6d}  "
+        print(f"{spec:<15} useful {x['useful_tok_s']:7.1f} tok/s  positions {x['positions']:6d}  "
               f"useful {x['useful_tokens']:6d} ({x['useful_share_of_positions']:.0%})  {x['seconds']:7.1f} s  "
               f"MFU {x['flops_per_s'] / peak:6.1%}  epoch trained {x['epoch_trained_tokens']:7d}  "
               f"peak RSS {x['peak_rss_mb']:6.0f} MB", flush=True)
@@ -140,6 +148,10 @@ def main():
     print("\n| ratio | value |\n|---|---|")
     print(f"| useful tokens/s, ours (packed, LoRA) / naive HF Trainer (padded, LoRA) | {o['useful_tok_s'] / n['useful_tok_s']:.2f}x |")
     print(f"| useful tokens/s, ours QLoRA / naive HF Trainer (LoRA) | {q['useful_tok_s'] / n['useful_tok_s']:.2f}x |")
+    if a.ablate:
+        p = res["ours:lora:plain"]
+        print(f"| useful tokens/s, ours with plain kernels (packing + chunked head only) / naive | {p['useful_tok_s'] / n['useful_tok_s']:.2f}x |")
+        print(f"| useful tokens/s, ours / ours with plain kernels (packed attention + fast dropout) | {o['useful_tok_s'] / p['useful_tok_s']:.2f}x |")
     print(f"| trained tokens in one epoch over the conversations, naive (each cut at the block size) / ours | "
           f"{n['epoch_trained_tokens'] / o['epoch_trained_tokens']:.2f} |")
     print(f"| peak RSS, 4-bit base / fp32 base (ours) | {q['peak_rss_mb'] / o['peak_rss_mb']:.2f} |")

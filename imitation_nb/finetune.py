@@ -14,6 +14,8 @@ from typing import Optional
 
 from .core import (register_section, atomic_write_json, atomic_write_text, append_jsonl, read_jsonl, stable_hash,
                    seed_everything, peak_rss_mb, now_iso, bootstrap_ci)
+from .train_kernels import PACKED_ATTENTION, register_packed_attention, use_fast_dropout
+
 
 # %% auto #0
 __all__ = ['FinetuneConfig', 'load_conversations', 'encode_conversations', 'MaskingAuditError', 'audit_masking', 'pack_blocks',
@@ -54,6 +56,8 @@ class FinetuneConfig:
     heldout_max_length: int = 512      # tokens per held-out conversation (truncated)
     max_train_conversations: int = 0   # 0 = all conversations of the training file
     loss_chunk_tokens: int = 0         # >0: compute the LM head + loss in chunks of this many tokens (large vocabularies)
+    attention: str = "auto"            # auto (packed_sdpa when packing, else the model's default) | packed_sdpa | sdpa | eager | any transformers attention
+    fast_dropout: bool = True          # LoRA input dropout with the cheaper CPU mask (train_kernels.FastDropout); torch's own on GPU
     seed: int = 0
     torch_threads: int = 0             # 0: leave torch's default
 
@@ -492,6 +496,10 @@ def build_model(base_spec: str, cfg: FinetuneConfig, device: str):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.method != "full": model.enable_input_require_grads()
     model.config.use_cache = False        # packed pieces stay independent only without a cache
+    attn = cfg.attention if cfg.attention != "auto" else (PACKED_ATTENTION if cfg.packing else None)
+    if attn:                              # packed_sdpa: one causal SDPA call per packed piece (train_kernels)
+        if attn == PACKED_ATTENTION: register_packed_attention()
+        model.set_attn_implementation(attn)
     if cfg.method in ("qlora", "lora"):
         from peft import LoraConfig, get_peft_model
         tm = cfg.target_modules if cfg.target_modules == "all-linear" else [t.strip() for t in cfg.target_modules.split(",")]
@@ -499,6 +507,7 @@ def build_model(base_spec: str, cfg: FinetuneConfig, device: str):
                                                  target_modules=tm, bias="none", task_type="CAUSAL_LM"))
         for n, p in model.named_parameters():          # keep trainable weights in fp32 (optimizer precision)
             if p.requires_grad and p.dtype != torch.float32: p.data = p.data.float()
+        if cfg.fast_dropout: use_fast_dropout(model)
     return model, gc
 
 def _count_params(model) -> dict:
@@ -620,6 +629,7 @@ def finetune(base_spec: str, train_data, cfg=None, out_dir="finetune_out", heldo
     for label in full_labels: save_adapter(model, tok, out / "adapters" / label)
 
     summary = {"base": base_spec, "method": cfg.method, "device": device, "gradient_checkpointing": gc,
+               "attention": getattr(model.config, "_attn_implementation", None),
                "config": asdict(cfg), "chat_template": chat_template, "train_data": str(train_data),
                "n_conversations": len(convs), "n_rows": len(rows), "packing": cfg.packing,
                "block_size": cfg.block_size, "steps": total_steps, "resumed_from_step": start_step,

@@ -58,10 +58,14 @@ def test_masking_audit_real_templates_pass_broken_fail():
     assert st["ok"] and st["assistant_tokens"] > 200
 
 
-def test_packed_document_is_independent_on_the_real_model():
+@pytest.mark.parametrize("attention", ["sdpa", "packed_sdpa"])
+def test_packed_document_is_independent_on_the_real_model(attention):
     from imitation_nb.models import load_model, load_tokenizer
+    from imitation_nb.train_kernels import register_packed_attention
+    register_packed_attention()
     tok = load_tokenizer(SPEC)
-    m = load_model(SPEC, dtype="float32")
+    m = load_model(SPEC, dtype="float32", attn_implementation=attention)
+    assert m.config._attn_implementation == attention
     a = tok("The cat sat on the mat and looked at the birds outside.", return_tensors="pt").input_ids
     b = tok("Photosynthesis turns light into chemical energy.", return_tensors="pt").input_ids
     pos = torch.cat([torch.arange(a.shape[1]), torch.arange(b.shape[1])])[None]
@@ -69,6 +73,43 @@ def test_packed_document_is_independent_on_the_real_model():
         lp = m(input_ids=torch.cat([a, b], 1), position_ids=pos, use_cache=False).logits[0, a.shape[1]:]
         lb = m(input_ids=b, use_cache=False).logits[0]
     assert (lp - lb).abs().max().item() < 1e-4
+    if attention == "packed_sdpa":          # each piece is computed exactly as if it were alone
+        assert torch.equal(lp, lb)
+
+
+def test_trainer_kernels_keep_the_loss_and_gradients_on_real_packed_blocks():
+    """The trainer's default model (packed_sdpa attention, FastDropout) gives the loss and LoRA gradients of the
+    plain peft model (transformers' masked SDPA) on real packed ShareGPT blocks, with dropout off; with dropout on,
+    FastDropout is what runs."""
+    from imitation_nb.finetune import (BlockCollator, FinetuneConfig, build_model, encode_conversations, pack_blocks,
+                                       _lm_loss_chunked)
+    from imitation_nb.models import load_tokenizer
+    from imitation_nb.train_kernels import QUERY_CHUNK, packed_pieces
+    tok = load_tokenizer(SPEC)
+    blocks = pack_blocks(encode_conversations(tok, sharegpt_sample(12, max_chars=2500)), 512, pad_id=tok.pad_token_id)
+    multi = [b for b in blocks if b["n_docs"] > 1][:2]
+    assert len(multi) == 2                  # the comparison covers blocks holding several conversations ...
+    longest = max(max(e - s for s, e in packed_pieces(torch.tensor([b["position_ids"]]))[0]) for b in multi)
+    assert longest > 2 * QUERY_CHUNK        # ... and a piece long enough to be computed in query chunks
+    batch = BlockCollator(tok.pad_token_id)(multi)
+    got = {}
+    for attention in ("sdpa", "auto"):
+        torch.manual_seed(0)
+        model, _ = build_model(SPEC, FinetuneConfig(method="lora", lora_dropout=0.0, attention=attention), "cpu")
+        model.train()
+        loss = _lm_loss_chunked(model, batch, 512)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        got[attention] = loss.item(), grads, model.config._attn_implementation
+    assert got["auto"][2] == "packed_sdpa" and got["sdpa"][2] == "sdpa"
+    assert abs(got["auto"][0] - got["sdpa"][0]) < 1e-5 * abs(got["sdpa"][0])
+    g0, g1 = got["sdpa"][1], got["auto"][1]
+    num = sum((g0[n] - g1[n]).square().sum() for n in g0) ** 0.5
+    den = sum(g0[n].square().sum() for n in g0) ** 0.5
+    assert den > 0 and num / den < 1e-4
+    model, _ = build_model(SPEC, FinetuneConfig(method="lora", lora_dropout=0.05), "cpu")
+    names = [type(d).__name__ for mod in model.modules() if hasattr(mod, "lora_dropout") for d in mod.lora_dropout.values()]
+    assert len(names) == 7 * 30 and set(names) == {"FastDropout"}
 
 
 def test_smoke_qlora_trained_loss_falls_and_adapter_reloads(data, tmp_path):
