@@ -109,7 +109,7 @@ def fast_dropout_class():
     class FastDropout(torch.nn.Dropout):
         "Inverted dropout; on CPU the mask comes from `bernoulli_keep` (three elements per random word)."
         def forward(self, x):
-            if not self.training or self.p == 0 or self.inplace or x.device.type != "cpu":
+            if not self.training or not 0 < self.p < 1 or self.inplace or x.device.type != "cpu":
                 return super().forward(x)
             return MaskedScale.apply(x, bernoulli_keep(x.shape, self.p), 1.0 / (1.0 - self.p))
     return FastDropout
