@@ -20,12 +20,15 @@ PACKED_ATTENTION = "packed_sdpa"
 QUERY_CHUNK = 128      # pieces longer than 2 chunks: queries in chunks of 128, each against the keys it can see
 
 def packed_pieces(position_ids) -> list[list[tuple[int, int]]]:
-    "Per batch row, the `(start, end)` spans of the packed pieces (a piece starts where positions do not step by 1)."
-    L = position_ids.shape[-1]
-    brk = (position_ids[:, 1:] - position_ids[:, :-1]) != 1
+    """Per batch row, the `(start, end)` spans of the packed pieces, as transformers' own
+    `find_packed_sequence_indices` delimits them (a piece starts where positions do not step by 1)."""
+    from transformers.masking_utils import find_packed_sequence_indices
+    B, L = position_ids.shape
+    seq = find_packed_sequence_indices(position_ids)          # None: no row holds more than one piece
+    if seq is None: return [[(0, L)] for _ in range(B)]
     out = []
-    for row in brk:
-        st = [0] + (row.nonzero().squeeze(1) + 1).tolist() + [L]
+    for row in seq:
+        st = [0] + ((row[1:] != row[:-1]).nonzero().squeeze(1) + 1).tolist() + [L]
         out.append(list(zip(st, st[1:])))
     return out
 

@@ -112,6 +112,40 @@ def test_trainer_kernels_keep_the_loss_and_gradients_on_real_packed_blocks():
     assert len(names) == 7 * 30 and set(names) == {"FastDropout"}
 
 
+def test_packed_attention_keeps_gemma3_sliding_windows_on_real_conversations():
+    """Gemma 3 270M (sliding-window layers of 512 tokens between global ones): a real ShareGPT conversation
+    longer than the window, packed after another one, gets the logits of transformers' masked SDPA and of the
+    conversation run alone from packed_sdpa (query chunks, window mask); without the window they would differ."""
+    from imitation_nb.finetune import encode_conversations
+    from imitation_nb.models import load_model, load_tokenizer
+    from imitation_nb.train_kernels import register_packed_attention
+    register_packed_attention()
+    tok = load_tokenizer("gemma3-270m")
+    enc = encode_conversations(tok, sharegpt_sample(60), "gemma3-plain")
+    m = load_model("gemma3-270m", dtype="float32")
+    window = m.config.sliding_window
+    long = next(e["input_ids"][:window + 200] for e in enc if len(e["input_ids"]) > window + 200)
+    short = next(e["input_ids"][:120] for e in enc if 60 < len(e["input_ids"]))
+    ids = torch.tensor([short + long])
+    pos = torch.cat([torch.arange(len(short)), torch.arange(len(long))])[None]
+    out = {}
+    with torch.no_grad():
+        for impl in ("sdpa", "packed_sdpa"):
+            m.set_attn_implementation(impl)
+            out[impl] = m(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
+        alone = m(input_ids=torch.tensor([long]), use_cache=False).logits[0]
+    scale = out["sdpa"].abs().max().item()
+    assert (out["packed_sdpa"] - out["sdpa"]).abs().max().item() < 1e-4 * scale
+    # alone (packed_sdpa too): equal up to the float rounding of matrix products over a different row count
+    assert (out["packed_sdpa"][len(short):] - alone).abs().max().item() < 1e-4 * scale
+    # the window matters here: full causal attention over the long piece gives other logits
+    m.config.sliding_window = 10 ** 6
+    for layer in m.model.layers: layer.self_attn.sliding_window = None
+    with torch.no_grad():
+        no_window = m(input_ids=torch.tensor([long]), use_cache=False).logits[0]
+    assert (no_window[window:] - alone[window:]).abs().max().item() > 1e-3 * scale
+
+
 def test_smoke_qlora_trained_loss_falls_and_adapter_reloads(data, tmp_path):
     """Real QLoRA steps lower the loss on the conversations they trained on, and the adapter reloads exactly.
     (The held-out drop on real ChatGPT answers is asserted by the end-to-end smoke grid, which trains on ~10x more
@@ -169,6 +203,7 @@ def test_kill_and_resume_matches_uninterrupted(data, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     summ = json.loads((out / "summary.json").read_text())
     assert summ["resumed_from_step"] >= 2
+    assert summ["attention"] == "packed_sdpa" and summ["config"]["fast_dropout"]     # the trainer's defaults ran
     A = load_file(str(ref / "adapter" / "adapter_model.safetensors"))
     B = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert A.keys() == B.keys()
