@@ -57,7 +57,7 @@ def arm(kind: str, method: str, data: str, block: int, batch: int, steps: int, t
     enc = encode_conversations(tok, convs, TEMPLATES.get(spec))
     plain = kind == "naive" or not kernels      # the peft model as transformers and peft build it
     cfg = FinetuneConfig(method=method, block_size=block, per_device_batch_size=batch, lr=2e-4,
-                         attention="sdpa" if plain else "auto", fast_dropout=not plain)
+                         attention="sdpa" if plain else "auto", fast_dropout=not plain, fused_lora=not plain)
     model, _ = build_model(spec, cfg, "cpu")
     params = _count_params(model)
     if kind == "ours":

@@ -14,7 +14,7 @@ from typing import Optional
 
 from .core import (register_section, atomic_write_json, atomic_write_text, append_jsonl, read_jsonl, stable_hash,
                    seed_everything, peak_rss_mb, now_iso, bootstrap_ci)
-from .train_kernels import PACKED_ATTENTION, register_packed_attention, use_fast_dropout
+from .train_kernels import PACKED_ATTENTION, register_packed_attention, use_fast_dropout, use_fused_lora
 
 
 # %% auto #0
@@ -58,6 +58,7 @@ class FinetuneConfig:
     loss_chunk_tokens: int = 0         # >0: compute the LM head + loss in chunks of this many tokens (large vocabularies)
     attention: str = "auto"            # auto (packed_sdpa when packing, else the model's default) | packed_sdpa | sdpa | eager | any transformers attention
     fast_dropout: bool = True          # LoRA input dropout with the cheaper CPU mask (train_kernels.FastDropout); torch's own on GPU
+    fused_lora: bool = True            # LoRA half of each adapted layer in one pass (train_kernels.use_fused_lora); peft's own where it would differ
     seed: int = 0
     torch_threads: int = 0             # 0: leave torch's default
 
@@ -282,26 +283,55 @@ class BlockCollator:
         return out
 
 # %% ../nbs/30_finetune.ipynb #2a8c6582
-def _head_ce_chunks(h, weight, tgt, chunk: int, soft=None, want_grad: bool = True):
+def _scratch(buffers, key, rows: int, cols: int, device):
+    "An fp32 (rows x cols) scratch tensor, kept in `buffers` (a dict the caller owns) and reused across calls."
+    import torch
+    if buffers is None: return torch.empty(rows, cols, dtype=torch.float32, device=device)
+    b = buffers.get(key)
+    if b is None or b.numel() < rows * cols or b.device != torch.device(device):
+        b = buffers[key] = torch.empty(rows * cols, dtype=torch.float32, device=device)
+    return b[:rows * cols].view(rows, cols)
+
+def _head_ce_chunks(h, weight, tgt, chunk: int, soft=None, want_grad: bool = True, buffers: dict | None = None):
     """Sum of cross-entropies of `h @ weight.T` against `tgt` (rows of `h` are positions that have a target),
     in chunks of `chunk` rows, with the gradients w.r.t. `h` (and `weight`, when it is trained) computed in the
-    same pass: d loss / d logits = softmax - onehot (times the soft-cap's tanh derivative)."""
+    same pass: d loss / d logits = softmax - onehot (times the soft-cap's tanh derivative).
+
+    One fp32 logits buffer serves every chunk and is overwritten in place (max, exp, sum, softmax): a fresh
+    (chunk x vocabulary) tensor per step costs a page fault per 4 KiB on CPU, and `torch.logsumexp` makes two
+    more passes and a temporary of the same size. `buffers` (a dict owned by the caller, e.g. the trainer) keeps
+    the scratch tensors from one call to the next."""
+    import torch
+    with torch.no_grad():                                 # the gradient is formed here, not by autograd
+        return _head_ce_body(h, weight, tgt, chunk, soft, want_grad, buffers)
+
+def _head_ce_body(h, weight, tgt, chunk, soft, want_grad, buffers):
     import torch
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     gh = torch.empty_like(h) if want_grad else None
     gw = torch.zeros_like(weight, dtype=torch.float32) if want_grad and weight.requires_grad else None
+    if h.shape[0] == 0: return total, gh, gw
+    n0 = min(chunk, h.shape[0])
+    buf = _scratch(buffers, "logits", n0, weight.shape[0], h.device)
+    th_buf = _scratch(buffers, "tanh", n0, weight.shape[0], h.device) if soft else None
+    plain = h.dtype == weight.dtype == torch.float32
     for s in range(0, h.shape[0], chunk):
         hc, tc = h[s:s + chunk], tgt[s:s + chunk]
-        lg = (hc @ weight.T).float()
-        if soft:
-            th = torch.tanh(lg / soft); lg = th * soft
-        lse = torch.logsumexp(lg, -1)
-        total += (lse - lg.gather(1, tc[:, None]).squeeze(1)).sum()
+        n = hc.shape[0]; lg = buf[:n]
+        if plain: torch.mm(hc, weight.T, out=lg)
+        else: lg.copy_(hc @ weight.T)
+        if soft:                                          # capped logits = tanh(z / soft) * soft
+            th = th_buf[:n]; torch.tanh(lg.div_(soft), out=th); torch.mul(th, soft, out=lg)
+        tl = lg.gather(1, tc[:, None]).squeeze(1)
+        m = lg.amax(1, keepdim=True)
+        ssum = lg.sub_(m).exp_().sum(1, keepdim=True)     # lg now holds exp(logit - max)
+        total += (m.squeeze(1) + ssum.squeeze(1).log() - tl).sum()
         if not want_grad: continue
-        d = lg.sub_(lse[:, None]).exp_()                  # softmax, in place of the logits
-        d[torch.arange(len(tc), device=d.device), tc] -= 1
-        if soft: d *= 1 - th * th
-        gh[s:s + chunk] = (d.to(weight.dtype) @ weight).to(h.dtype)
+        d = lg.div_(ssum)                                 # softmax, in place
+        d[torch.arange(n, device=d.device), tc] -= 1
+        if soft: d.mul_(1 - th * th)
+        if plain: torch.mm(d, weight, out=gh[s:s + n])
+        else: gh[s:s + n] = (d.to(weight.dtype) @ weight).to(h.dtype)
         if gw is not None: gw += d.T @ hc.float()
     return total, gh, gw
 
@@ -311,18 +341,18 @@ def _fused_head_ce():
     class FusedHeadCE(torch.autograd.Function):
         "LM head + summed cross-entropy whose backward is the gradient kept from the forward (no recompute)."
         @staticmethod
-        def forward(ctx, h, weight, tgt, chunk, soft):
-            total, gh, gw = _head_ce_chunks(h, weight, tgt, chunk, soft, want_grad=True)
+        def forward(ctx, h, weight, tgt, chunk, soft, buffers):
+            total, gh, gw = _head_ce_chunks(h, weight, tgt, chunk, soft, want_grad=True, buffers=buffers)
             ctx.save_for_backward(gh, gw if gw is not None else torch.empty(0))
             ctx.has_gw, ctx.w_dtype = gw is not None, weight.dtype
             return total
         @staticmethod
         def backward(ctx, g):
             gh, gw = ctx.saved_tensors
-            return gh * g, ((gw * g).to(ctx.w_dtype) if ctx.has_gw else None), None, None, None
+            return gh * g, ((gw * g).to(ctx.w_dtype) if ctx.has_gw else None), None, None, None, None
     return FusedHeadCE
 
-def _lm_loss_chunked(model, inputs, chunk: int):
+def _lm_loss_chunked(model, inputs, chunk: int, buffers: dict | None = None):
     """Sum of token losses over the positions that have a target (assistant tokens), the LM head applied only
     there, in chunks of `chunk` positions: the (tokens x vocabulary) logits never exist at once and no logit is
     computed for a user/system/padding position. With a plain linear head the gradient is formed in the
@@ -340,8 +370,8 @@ def _lm_loss_chunked(model, inputs, chunk: int):
     head, soft = base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
     if type(head) is torch.nn.Linear and head.bias is None:
         if not (torch.is_grad_enabled() and (h2.requires_grad or head.weight.requires_grad)):
-            return _head_ce_chunks(h2, head.weight, t2, chunk, soft, want_grad=False)[0]
-        return _fused_head_ce().apply(h2, head.weight, t2, chunk, soft)
+            return _head_ce_chunks(h2, head.weight, t2, chunk, soft, want_grad=False, buffers=buffers)[0]
+        return _fused_head_ce().apply(h2, head.weight, t2, chunk, soft, buffers)
     def piece(hc, tc):
         lg = head(hc).float()
         if soft: lg = torch.tanh(lg / soft) * soft
@@ -363,7 +393,7 @@ def _make_trainer_cls():
             if not self.loss_chunk_tokens or return_outputs:
                 inputs = {**inputs, "use_cache": False}
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            total = _lm_loss_chunked(model, inputs, self.loss_chunk_tokens)
+            total = _lm_loss_chunked(model, inputs, self.loss_chunk_tokens, self.__dict__.setdefault("_head_buffers", {}))
             n = num_items_in_batch if num_items_in_batch is not None else (inputs["labels"][:, 1:] != -100).sum()
             loss = total / n
             if self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs and num_items_in_batch is not None:
@@ -507,7 +537,8 @@ def build_model(base_spec: str, cfg: FinetuneConfig, device: str):
                                                  target_modules=tm, bias="none", task_type="CAUSAL_LM"))
         for n, p in model.named_parameters():          # keep trainable weights in fp32 (optimizer precision)
             if p.requires_grad and p.dtype != torch.float32: p.data = p.data.float()
-        if cfg.fast_dropout: use_fast_dropout(model)
+        if cfg.fast_dropout: use_fast_dropout(model)     # layers that keep peft's forward
+        if cfg.fused_lora: use_fused_lora(model)
     return model, gc
 
 def _count_params(model) -> dict:

@@ -12,12 +12,14 @@ import functools, math, sys
 
 
 # %% auto #0
-__all__ = ['PACKED_ATTENTION', 'QUERY_CHUNK', 'packed_pieces', 'packed_sdpa_attention', 'packed_sdpa_mask',
-           'register_packed_attention', 'bernoulli_keep', 'fast_dropout_class', 'use_fast_dropout']
+__all__ = ['PACKED_ATTENTION', 'QUERY_CHUNK', 'CPU_FLASH', 'packed_pieces', 'packed_sdpa_attention', 'packed_sdpa_mask',
+           'register_packed_attention', 'bernoulli_keep', 'fast_dropout_class', 'use_fast_dropout',
+           'fused_lora_forward', 'use_fused_lora']
 
 # %% ../nbs/31_train_kernels.ipynb #18b2eee1
 PACKED_ATTENTION = "packed_sdpa"
 QUERY_CHUNK = 128      # pieces longer than 2 chunks: queries in chunks of 128, each against the keys it can see
+CPU_FLASH = True       # on CPU, run the pieces through the flash kernels in one autograd Function
 
 def packed_pieces(position_ids) -> list[list[tuple[int, int]]]:
     """Per batch row, the `(start, end)` spans of the packed pieces, as transformers' own
@@ -32,10 +34,66 @@ def packed_pieces(position_ids) -> list[list[tuple[int, int]]]:
         out.append(list(zip(st, st[1:])))
     return out
 
+def _piece_plan(pos, B: int, L: int, window, device) -> list:
+    """The SDPA calls that make up packed attention: `(row, q0, q1, k0, mask)` per piece (long pieces split into
+    query chunks), `mask` None for a plain causal call, else the chunk's additive float mask (0 / -inf)."""
+    import torch
+    plan = []
+    for b, spans in enumerate(packed_pieces(pos.expand(B, -1))):
+        for s, e in spans:
+            step = QUERY_CHUNK if e - s > 2 * QUERY_CHUNK else e - s
+            for c0 in range(s, e, step):
+                c1 = min(e, c0 + step)
+                k0 = s if window is None else max(s, c0 - window + 1)   # keys a query of this chunk can see
+                mask = None
+                if c0 != k0 or (window is not None and c1 - k0 > window):
+                    d = torch.arange(c0, c1, device=device)[:, None] - torch.arange(k0, c1, device=device)[None]
+                    ok = (d >= 0) if window is None else (d >= 0) & (d < window)
+                    mask = torch.zeros(ok.shape, device=device).masked_fill_(~ok, float("-inf"))
+                plan.append((b, c0, c1, k0, mask))
+    return plan
+
+@functools.cache
+def _packed_flash_cpu():
+    """autograd Function running the plan with the CPU flash-attention kernels directly: outputs written into one
+    (batch, L, heads, d) tensor, gradients into one tensor per input. Through autograd, every piece's slice
+    would materialise a full-size zero gradient and the pieces' gradients would then be summed."""
+    import torch
+    fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    class PackedFlashCPU(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, plan, scale):
+            B, H, L, D = q.shape
+            out = q.new_empty(B, L, H, D)
+            saved = []
+            for b, c0, c1, k0, mask in plan:
+                o, lse = fwd(q[b:b + 1, :, c0:c1], k[b:b + 1, :, k0:c1], v[b:b + 1, :, k0:c1], 0.0, mask is None,
+                             attn_mask=mask, scale=scale)
+                out[b, c0:c1] = o[0].transpose(0, 1)
+                saved += [o, lse]
+            ctx.save_for_backward(q, k, v, *saved)
+            ctx.plan, ctx.scale = plan, scale
+            return out
+        @staticmethod
+        def backward(ctx, g):
+            q, k, v, *saved = ctx.saved_tensors
+            dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+            for i, (b, c0, c1, k0, mask) in enumerate(ctx.plan):
+                gq, gk, gv = bwd(g[b:b + 1, c0:c1].transpose(1, 2), q[b:b + 1, :, c0:c1], k[b:b + 1, :, k0:c1],
+                                 v[b:b + 1, :, k0:c1], saved[2 * i], saved[2 * i + 1], 0.0, mask is None,
+                                 attn_mask=mask, scale=ctx.scale)
+                dq[b:b + 1, :, c0:c1] = gq                     # query chunks do not overlap
+                dk[b:b + 1, :, k0:c1] += gk; dv[b:b + 1, :, k0:c1] += gv
+            return dq, dk, dv, None, None
+    return PackedFlashCPU
+
 def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                           is_causal=None, **kwargs):
     """transformers attention function (`AttentionInterface`): causal SDPA on each packed piece of each row.
-    query (batch, heads, L, d); key/value (batch, kv_heads, L, d). Returns (batch, L, heads, d), None."""
+    query (batch, heads, L, d); key/value (batch, kv_heads, L, d). Returns (batch, L, heads, d), None.
+    On CPU (no attention dropout) the pieces run through the flash kernels in one autograd Function
+    (`_packed_flash_cpu`); elsewhere through `F.scaled_dot_product_attention` per piece."""
     import torch.nn.functional as F
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     pos = kwargs.get("position_ids")
@@ -45,24 +103,17 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     import torch
-    window = kwargs.get("sliding_window")
-    gqa = key.shape[1] != H
-    rows = []
-    for b, spans in enumerate(packed_pieces(pos.expand(B, -1))):
-        outs = []
-        for s, e in spans:
-            step = QUERY_CHUNK if e - s > 2 * QUERY_CHUNK else e - s
-            for c0 in range(s, e, step):
-                c1 = min(e, c0 + step)
-                k0 = s if window is None else max(s, c0 - window + 1)   # keys a query of this chunk can see
-                mask = None
-                if c0 != k0 or (window is not None and c1 - k0 > window):
-                    d = torch.arange(c0, c1, device=query.device)[:, None] - torch.arange(k0, c1, device=query.device)[None]
-                    mask = (d >= 0) if window is None else (d >= 0) & (d < window)
-                outs.append(F.scaled_dot_product_attention(
-                    query[b:b + 1, :, c0:c1], key[b:b + 1, :, k0:c1], value[b:b + 1, :, k0:c1], attn_mask=mask,
-                    dropout_p=dropout, is_causal=mask is None, scale=scaling, enable_gqa=gqa))
-        rows.append(outs[0] if len(outs) == 1 else torch.cat(outs, 2))
+    plan = _piece_plan(pos, B, L, kwargs.get("sliding_window"), query.device)
+    if CPU_FLASH and query.device.type == "cpu" and dropout == 0 and query.dtype == key.dtype == value.dtype:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return _packed_flash_cpu().apply(query, key, value, plan, scale), None
+    gqa, outs = key.shape[1] != H, [[] for _ in range(B)]
+    for b, c0, c1, k0, mask in plan:
+        outs[b].append(F.scaled_dot_product_attention(
+            query[b:b + 1, :, c0:c1], key[b:b + 1, :, k0:c1], value[b:b + 1, :, k0:c1],
+            attn_mask=None if mask is None else mask.to(query.dtype),
+            dropout_p=dropout, is_causal=mask is None, scale=scaling, enable_gqa=gqa))
+    rows = [o[0] if len(o) == 1 else torch.cat(o, 2) for o in outs]
     out = rows[0] if B == 1 else torch.cat(rows, 0)
     return out.transpose(1, 2).contiguous(), None
 
@@ -89,11 +140,9 @@ def bernoulli_keep(shape, p: float, generator=None):
     "Boolean keep-mask of `shape`: each element kept with probability 1 - round(p * 65536) / 65536."
     import torch
     n = math.prod(shape)
-    words = -(-n // 3)
-    r = torch.empty(words, dtype=torch.int64).random_(generator=generator)   # 63 random bits (sign bit is 0)
-    fields = r.view(torch.int16).view(words, 4)
-    fields = fields[:, :3] if sys.byteorder == "little" else fields[:, 1:]   # skip the field holding the sign bit
-    return (fields >= -32768 + round(p * 65536)).reshape(-1)[:n].view(tuple(shape))
+    words = -(-n // 4)
+    r = torch.empty(words, dtype=torch.int64).random_(-2 ** 63, None, generator=generator)   # 64 random bits
+    return (r.view(torch.int16) >= -32768 + round(p * 65536))[:n].view(tuple(shape))    # 4 fields per word
 
 @functools.cache
 def fast_dropout_class():
@@ -114,7 +163,7 @@ def fast_dropout_class():
         def forward(self, x):
             if not self.training or not 0 < self.p < 1 or self.inplace or x.device.type != "cpu":
                 return super().forward(x)
-            return MaskedScale.apply(x, bernoulli_keep(x.shape, self.p), 1.0 / (1.0 - self.p))
+            return MaskedScale.apply(x, bernoulli_keep(x.shape, self.p), 1.0 / (1.0 - round(self.p * 65536) / 65536))
     return FastDropout
 
 def use_fast_dropout(model) -> int:
@@ -127,5 +176,102 @@ def use_fast_dropout(model) -> int:
         for name, d in list(drops.items()):
             if type(d) is torch.nn.Dropout and d.p > 0:
                 new = cls(d.p); new.train(d.training); drops[name] = new; n += 1
+    return n
+
+
+# %% ../nbs/31_train_kernels.ipynb #4777ca2d
+@functools.cache
+def _lora_functions():
+    import torch
+    def lora_grads(ctx, g2, x2, u, a, b, keep, ix, ia, ib):
+        "Gradients of c * (keep ⊙ x) Aᵀ Bᵀ: B from u = c (keep ⊙ x) Aᵀ, A and the masked input from g B."
+        gb = g2.T @ u if ctx.needs_input_grad[ib] else None
+        gu = (g2 @ b).mul_(ctx.c)
+        ga = gu.T @ x2 if ctx.needs_input_grad[ia] else None
+        gx = None
+        if ctx.needs_input_grad[ix]:
+            gx = gu @ a
+            if keep is not None: gx = torch.where(keep.view(gx.shape), gx, 0.0)
+        return gx, ga, gb
+
+    def lora_u(x, a, keep, c):
+        xm = x if keep is None else torch.where(keep, x, 0.0)
+        x2 = xm.reshape(-1, x.shape[-1])
+        return x2, (x2 @ a.T).mul_(c)
+
+    class LoraLinear(torch.autograd.Function):
+        "x Wᵀ + bias + c (keep ⊙ x) Aᵀ Bᵀ for a frozen plain linear base: one output, one input gradient."
+        @staticmethod
+        def forward(ctx, x, w, bias, a, b, keep, c):
+            x2, u = lora_u(x, a, keep, c)
+            xf = x.reshape(-1, x.shape[-1])
+            y = torch.addmm(bias, xf, w.T) if bias is not None else xf @ w.T
+            y.addmm_(u, b.T)
+            ctx.save_for_backward(x2, u, w, a, b, keep)
+            ctx.c, ctx.x_shape = c, x.shape
+            return y.view(*x.shape[:-1], w.shape[0])
+        @staticmethod
+        def backward(ctx, g):
+            x2, u, w, a, b, keep = ctx.saved_tensors
+            g2 = g.reshape(-1, g.shape[-1])
+            gx, ga, gb = lora_grads(ctx, g2, x2, u, a, b, keep, 0, 3, 4)
+            if gx is not None: gx = gx.addmm_(g2, w).view(ctx.x_shape)   # + the base layer's input gradient
+            return gx, None, None, ga, gb, None, None
+
+    class LoraBranch(torch.autograd.Function):
+        "result += c (keep ⊙ x) Aᵀ Bᵀ in place, for any other base layer (a quantized one) that computed `result`."
+        @staticmethod
+        def forward(ctx, result, x, a, b, keep, c):
+            x2, u = lora_u(x, a, keep, c)
+            result.view(-1, result.shape[-1]).addmm_(u, b.T)
+            ctx.mark_dirty(result)
+            ctx.save_for_backward(x2, u, a, b, keep)
+            ctx.c, ctx.x_shape = c, x.shape
+            return result
+        @staticmethod
+        def backward(ctx, g):
+            x2, u, a, b, keep = ctx.saved_tensors
+            gx, ga, gb = lora_grads(ctx, g.reshape(-1, g.shape[-1]), x2, u, a, b, keep, 1, 2, 3)
+            return g, (gx.view(ctx.x_shape) if gx is not None else None), ga, gb, None, None
+    return LoraLinear, LoraBranch
+
+def fused_lora_forward(self, x, *args, **kwargs):
+    "Forward of a peft LoRA linear layer with the LoRA half fused (`use_fused_lora` binds it to each layer)."
+    import torch
+    act = [n for n in self.active_adapters if n in self.lora_A] if not (self.disable_adapters or self.merged) else []
+    if (args or kwargs or len(act) != 1 or act[0] in getattr(self, "lora_variant", {})
+            or torch.is_autocast_enabled(x.device.type)):
+        return type(self).forward(self, x, *args, **kwargs)
+    name = act[0]
+    la, lb, drop, base = self.lora_A[name], self.lora_B[name], self.lora_dropout[name], self.base_layer
+    if la.bias is not None or lb.bias is not None or not x.dtype == la.weight.dtype == lb.weight.dtype:
+        return type(self).forward(self, x, *args, **kwargs)
+    p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
+    keep, c = None, self.scaling[name]
+    if p >= 1: keep, c = torch.zeros(x.shape, dtype=torch.bool, device=x.device), 0.0
+    elif p > 0:
+        if x.device.type == "cpu": keep, p = bernoulli_keep(x.shape, p), round(p * 65536) / 65536
+        else: keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
+        c = c / (1 - p)
+    LoraLinear, LoraBranch = _lora_functions()
+    if (type(base) is torch.nn.Linear and not base.weight.requires_grad and base.weight.dtype == x.dtype
+            and (base.bias is None or not base.bias.requires_grad)):
+        return LoraLinear.apply(x, base.weight, base.bias, la.weight, lb.weight, keep, c)
+    result = base(x)
+    if result.dtype != x.dtype: return type(self).forward(self, x, *args, **kwargs)
+    if result._base is not None or not result.is_contiguous() or result is x:
+        result = result.clone(memory_format=torch.contiguous_format)   # write into a tensor of our own
+    return LoraBranch.apply(result, x, la.weight, lb.weight, keep, c)
+
+def use_fused_lora(model) -> int:
+    "Bind `fused_lora_forward` to every peft LoRA linear layer of `model` (idempotent); returns how many it bound."
+    import types, torch
+    from peft.tuners.lora import LoraLayer
+    n = 0
+    for mod in model.modules():
+        if (isinstance(mod, LoraLayer) and isinstance(getattr(mod, "lora_A", None), torch.nn.ModuleDict)
+                and all(type(m) is torch.nn.Linear for m in mod.lora_A.values())
+                and getattr(mod.forward, "__func__", None) is not fused_lora_forward):
+            mod.forward = types.MethodType(fused_lora_forward, mod); n += 1
     return n
 

@@ -78,13 +78,15 @@ def test_packed_document_is_independent_on_the_real_model(attention):
 
 
 def test_trainer_kernels_keep_the_loss_and_gradients_on_real_packed_blocks():
-    """The trainer's default model (packed_sdpa attention, FastDropout) gives the loss and LoRA gradients of the
-    plain peft model (transformers' masked SDPA) on real packed ShareGPT blocks, with dropout off; with dropout on,
-    FastDropout is what runs."""
+    """The trainer's default model (packed_sdpa attention, fused LoRA layers, FastDropout masks) gives the loss and
+    LoRA gradients of the plain peft model (transformers' masked SDPA, peft's forward, torch's dropout) on real
+    packed ShareGPT blocks with dropout off; with dropout on, the fused layers draw the same masks as FastDropout
+    in peft's forward and give the same loss and gradients. LoRA weights are set from one seed, lora_B non-zero so that
+    every adapter matters."""
     from imitation_nb.finetune import (BlockCollator, FinetuneConfig, build_model, encode_conversations, pack_blocks,
                                        _lm_loss_chunked)
     from imitation_nb.models import load_tokenizer
-    from imitation_nb.train_kernels import QUERY_CHUNK, packed_pieces
+    from imitation_nb.train_kernels import QUERY_CHUNK, fused_lora_forward, packed_pieces
     tok = load_tokenizer(SPEC)
     blocks = pack_blocks(encode_conversations(tok, sharegpt_sample(12, max_chars=2500)), 512, pad_id=tok.pad_token_id)
     multi = [b for b in blocks if b["n_docs"] > 1][:2]
@@ -92,21 +94,35 @@ def test_trainer_kernels_keep_the_loss_and_gradients_on_real_packed_blocks():
     longest = max(max(e - s for s, e in packed_pieces(torch.tensor([b["position_ids"]]))[0]) for b in multi)
     assert longest > 2 * QUERY_CHUNK        # ... and a piece long enough to be computed in query chunks
     batch = BlockCollator(tok.pad_token_id)(multi)
-    got = {}
-    for attention in ("sdpa", "auto"):
-        torch.manual_seed(0)
-        model, _ = build_model(SPEC, FinetuneConfig(method="lora", lora_dropout=0.0, attention=attention), "cpu")
-        model.train()
+
+    def run(**kw):
+        model, _ = build_model(SPEC, FinetuneConfig(method="lora", **kw), "cpu")
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n: p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        model.train(); torch.manual_seed(0)
         loss = _lm_loss_chunked(model, batch, 512)
         loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        got[attention] = loss.item(), grads, model.config._attn_implementation
-    assert got["auto"][2] == "packed_sdpa" and got["sdpa"][2] == "sdpa"
-    assert abs(got["auto"][0] - got["sdpa"][0]) < 1e-5 * abs(got["sdpa"][0])
-    g0, g1 = got["sdpa"][1], got["auto"][1]
-    num = sum((g0[n] - g1[n]).square().sum() for n in g0) ** 0.5
-    den = sum(g0[n].square().sum() for n in g0) ** 0.5
-    assert den > 0 and num / den < 1e-4
+        fused = sum(getattr(m.forward, "__func__", None) is fused_lora_forward for m in model.modules())
+        return (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad},
+                model.config._attn_implementation, fused)
+
+    def close(a, b, tol):
+        assert abs(a[0] - b[0]) < 1e-5 * abs(b[0])
+        num = sum((a[1][n] - b[1][n]).square().sum() for n in b[1]) ** 0.5
+        den = sum(b[1][n].square().sum() for n in b[1]) ** 0.5
+        assert den > 0 and num / den < tol, num / den
+        assert all(b[1][n].abs().max() > 0 for n in b[1])            # every LoRA weight gets a gradient
+
+    plain = run(lora_dropout=0.0, attention="sdpa", fast_dropout=False, fused_lora=False)
+    ours = run(lora_dropout=0.0)
+    assert (plain[2], plain[3]) == ("sdpa", 0) and (ours[2], ours[3]) == ("packed_sdpa", 7 * 30)
+    close(ours, plain, 1e-4)
+    drop_peft = run(lora_dropout=0.05, fused_lora=False)          # peft's forward with FastDropout
+    drop_ours = run(lora_dropout=0.05)
+    close(drop_ours, drop_peft, 1e-4)
+    assert abs(drop_ours[0] - ours[0]) > 1e-4 * abs(ours[0])      # dropout did change the loss
     model, _ = build_model(SPEC, FinetuneConfig(method="lora", lora_dropout=0.05), "cpu")
     names = [type(d).__name__ for mod in model.modules() if hasattr(mod, "lora_dropout") for d in mod.lora_dropout.values()]
     assert len(names) == 7 * 30 and set(names) == {"FastDropout"}
@@ -203,7 +219,7 @@ def test_kill_and_resume_matches_uninterrupted(data, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     summ = json.loads((out / "summary.json").read_text())
     assert summ["resumed_from_step"] >= 2
-    assert summ["attention"] == "packed_sdpa" and summ["config"]["fast_dropout"]     # the trainer's defaults ran
+    assert summ["attention"] == "packed_sdpa" and summ["config"]["fast_dropout"] and summ["config"]["fused_lora"]     # the trainer's defaults ran
     A = load_file(str(ref / "adapter" / "adapter_model.safetensors"))
     B = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert A.keys() == B.keys()
