@@ -1,4 +1,5 @@
-"""The two training kernels of `train_kernels` against what transformers and torch do, measured in the same run.
+"""The training kernels of `train_kernels` and the chunked LM head of `finetune` against what transformers, peft and
+torch do, measured in the same run.
 
 Attention (forward + backward, random queries/keys/values, real piece layouts): the position ids of real packed
 blocks (300 ShareGPT conversations, SmolLM2 tokenizer, 512- and 2048-token blocks, the first 4 blocks), the head
@@ -8,6 +9,15 @@ Baseline: transformers' SDPA function with the mask transformers builds for thos
 
 Dropout (p = 0.05 on a 2048 x 576 input, the LoRA input of a 512 x 4 SmolLM2 batch): torch's `nn.Dropout` vs
 `FastDropout`: mask only, forward, forward + backward. Median of repeated calls.
+
+LoRA layer (forward + backward, 2048 tokens, r = 16, alpha = 32, dropout 0.05, frozen fp32 base; SmolLM2's
+576 -> 1536 and 576 -> 576 projections): peft's forward with torch's dropout, peft's forward with `FastDropout`,
+`use_fused_lora`.
+
+LM head + cross-entropy (forward + backward at the 1,570 positions with a target of a 512 x 4 SmolLM2 batch,
+vocabulary 49,152): the logits of every target position at once and `F.cross_entropy` through autograd (the
+model's own loss, restricted to those positions) vs `finetune._lm_loss_chunked`'s fused head (chunks of 1024,
+gradient formed in the forward pass, buffers reused).
 
 usage: python benchmarks/bench_train_kernels.py [--threads 1] [--reps 5]
 """
@@ -38,7 +48,7 @@ def main():
     from imitation_nb.finetune import encode_conversations, pack_blocks, sharegpt_sample, BlockCollator
     from imitation_nb.models import load_tokenizer
     from imitation_nb.train_kernels import (packed_sdpa_attention, packed_pieces, bernoulli_keep,
-                                            fast_dropout_class)
+                                            fast_dropout_class, use_fast_dropout, use_fused_lora)
     tok = load_tokenizer("smollm2-135m-instruct")
     enc = encode_conversations(tok, sharegpt_sample(300))
     rows = []
@@ -85,6 +95,51 @@ def main():
     for name, f0, f1 in pairs:
         t0, t1 = median_ms(f0, 3 * a.reps), median_ms(f1, 3 * a.reps)
         print(f"| {name} | {t0:.2f} | {t1:.2f} | {t0 / t1:.2f}x |", flush=True)
+
+    from peft import LoraConfig, get_peft_model
+    print("\n| LoRA layer, forward + backward, 2048 tokens | peft + torch dropout ms | peft + FastDropout ms | fused ms "
+          "| ratio fused / peft + torch dropout | max abs diff of x.grad (dropout off) |\n|---|---|---|---|---|---|")
+    for d_in, d_out in ((576, 1536), (576, 576)):
+        def layer(kind, p=0.05):
+            torch.manual_seed(0)
+            net = torch.nn.Module(); net.proj = torch.nn.Linear(d_in, d_out, bias=False)
+            pm = get_peft_model(net, LoraConfig(r=16, lora_alpha=32, lora_dropout=p, target_modules=["proj"],
+                                                init_lora_weights=False))
+            if kind != "peft": use_fast_dropout(pm)
+            if kind == "fused": use_fused_lora(pm)
+            return pm.base_model.model.proj.train()
+        xin = torch.randn(4, 512, d_in, requires_grad=True)
+        w_out = torch.randn(4, 512, d_out)
+
+        def fwd_bwd(mod):
+            xin.grad = None
+            (mod(xin) * w_out).sum().backward()
+            return xin.grad
+        diff = (fwd_bwd(layer("peft", 0.0)) - fwd_bwd(layer("fused", 0.0))).abs().max().item()
+        ts = [median_ms(lambda m=layer(k): fwd_bwd(m), 3 * a.reps) for k in ("peft", "fast", "fused")]
+        print(f"| {d_in} -> {d_out} | {ts[0]:.2f} | {ts[1]:.2f} | {ts[2]:.2f} | {ts[0] / ts[2]:.2f}x | {diff:.1e} |", flush=True)
+
+    import torch.nn.functional as F
+    from imitation_nb.finetune import _fused_head_ce
+    torch.manual_seed(0)
+    W = torch.randn(49152, 576) * 0.05
+    h = torch.randn(1570, 576, requires_grad=True)
+    tgt = torch.randint(0, 49152, (1570,))
+    bufs = {}
+
+    def plain_head():
+        h.grad = None
+        loss = F.cross_entropy(h @ W.T, tgt, reduction="sum"); loss.backward()
+        return loss.detach(), h.grad
+
+    def fused_head():
+        h.grad = None
+        loss = _fused_head_ce().apply(h, W, tgt, 1024, None, bufs); loss.backward()
+        return loss.detach(), h.grad
+    (l0, g0), (l1, g1) = plain_head(), fused_head()
+    t0, t1 = median_ms(plain_head, a.reps), median_ms(fused_head, a.reps)
+    print("\n| LM head + cross-entropy, 1570 x 49152, forward + backward | autograd ms | fused ms | ratio | loss rel. diff | max abs diff of grad |\n|---|---|---|---|---|---|")
+    print(f"| SmolLM2 head | {t0:.0f} | {t1:.0f} | {t0 / t1:.2f}x | {abs(l0 - l1).item() / abs(l0).item():.1e} | {(g0 - g1).abs().max().item():.1e} |")
 
 
 if __name__ == "__main__":

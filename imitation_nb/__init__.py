@@ -13,6 +13,6 @@ Modules:
 - `imitation_nb.sources`: ShareGPT, HC3, Discord-bot exports and generic chat JSONL → one conversation schema, cleaned step by step with a per-source audit of every record dropped and why.
 - `imitation_nb.style`: Conditional list and summary-paragraph usage, unigram intersection, length correlation and authoritative tone of a model's answers against the teacher's answer to the same prompt.
 - `imitation_nb.teacher`: Every call to a teacher (ChatGPT in the paper) or a judge (GPT-4) goes through this client: any OpenAI-compatible server, bounded concurrency, retries, a hard budget and a SQLite request cache.
-- `imitation_nb.train_kernels`: Two exact-math replacements the trainer installs on the model it trains: attention computed per packed conversation, and LoRA input dropout whose mask costs less than half of torch's on CPU."""
+- `imitation_nb.train_kernels`: Exact-math replacements the trainer installs on the model it trains: attention computed per packed conversation, LoRA layers whose adapter half costs no extra pass over their output, and LoRA input dropout whose mask costs less than half of torch's on CPU."""
 
 __version__ = "0.1.0"
