@@ -162,9 +162,10 @@ def fast_dropout_class():
     class FastDropout(torch.nn.Dropout):
         "Inverted dropout; on CPU the mask comes from `bernoulli_keep` (three elements per random word)."
         def forward(self, x):
-            if not self.training or not 0 < self.p < 1 or self.inplace or x.device.type != "cpu":
+            p = round(self.p * 65536) / 65536                # the p that bernoulli_keep realises
+            if not self.training or not 0 < p < 1 or self.inplace or x.device.type != "cpu":
                 return super().forward(x)
-            return MaskedScale.apply(x, bernoulli_keep(x.shape, self.p), 1.0 / (1.0 - round(self.p * 65536) / 65536))
+            return MaskedScale.apply(x, bernoulli_keep(x.shape, p), 1.0 / (1.0 - p))
     return FastDropout
 
 def use_fast_dropout(model) -> int:
@@ -247,21 +248,23 @@ def fused_lora_forward(self, x, *args, **kwargs):
     la, lb, drop, base = self.lora_A[name], self.lora_B[name], self.lora_dropout[name], self.base_layer
     if la.bias is not None or lb.bias is not None or not x.dtype == la.weight.dtype == lb.weight.dtype:
         return type(self).forward(self, x, *args, **kwargs)
+    LoraLinear, LoraBranch = _lora_functions()
+    plain = (type(base) is torch.nn.Linear and not base.weight.requires_grad and base.weight.dtype == x.dtype
+             and (base.bias is None or not base.bias.requires_grad))
+    if not plain:                                  # e.g. a 4-bit base: it computes its output, we add LoRA in place
+        result = base(x)
+        if result.dtype != x.dtype: return type(self).forward(self, x, *args, **kwargs)   # no mask drawn yet
+        if result._base is not None or not result.is_contiguous() or result is x:
+            result = result.clone(memory_format=torch.contiguous_format)   # write into a tensor of our own
     p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
+    if p > 0 and x.device.type == "cpu": p = round(p * 65536) / 65536      # the p bernoulli_keep realises
     keep, c = None, self.scaling[name]
     if p >= 1: keep, c = torch.zeros(x.shape, dtype=torch.bool, device=x.device), 0.0
     elif p > 0:
-        if x.device.type == "cpu": keep, p = bernoulli_keep(x.shape, p), round(p * 65536) / 65536
-        else: keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
+        keep = (bernoulli_keep(x.shape, p) if x.device.type == "cpu"
+                else torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p))
         c = c / (1 - p)
-    LoraLinear, LoraBranch = _lora_functions()
-    if (type(base) is torch.nn.Linear and not base.weight.requires_grad and base.weight.dtype == x.dtype
-            and (base.bias is None or not base.bias.requires_grad)):
-        return LoraLinear.apply(x, base.weight, base.bias, la.weight, lb.weight, keep, c)
-    result = base(x)
-    if result.dtype != x.dtype: return type(self).forward(self, x, *args, **kwargs)
-    if result._base is not None or not result.is_contiguous() or result is x:
-        result = result.clone(memory_format=torch.contiguous_format)   # write into a tensor of our own
+    if plain: return LoraLinear.apply(x, base.weight, base.bias, la.weight, lb.weight, keep, c)
     return LoraBranch.apply(result, x, la.weight, lb.weight, keep, c)
 
 def use_fused_lora(model) -> int:
