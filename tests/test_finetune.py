@@ -128,6 +128,37 @@ def test_trainer_kernels_keep_the_loss_and_gradients_on_real_packed_blocks():
     assert len(names) == 7 * 30 and set(names) == {"FastDropout"}
 
 
+def test_fused_lora_on_a_real_4bit_base_matches_peft():
+    """QLoRA (bitsandbytes NF4 base): the fused layers take the in-place LoraBranch path and give the loss and LoRA
+    gradients of peft's own forward with the same dropout masks, on real ShareGPT tokens."""
+    from imitation_nb.finetune import FinetuneConfig, build_model, encode_conversations, _lm_loss_chunked
+    from imitation_nb.models import load_tokenizer
+    from imitation_nb.train_kernels import fused_lora_forward
+    tok = load_tokenizer(SPEC)
+    e = encode_conversations(tok, sharegpt_sample(4, max_chars=1500))[0]
+    n = min(192, len(e["input_ids"]))
+    batch = {"input_ids": torch.tensor([e["input_ids"][:n]]), "labels": torch.tensor([e["labels"][:n]])}
+    assert (batch["labels"] != -100).sum() > 20
+    got = {}
+    for fused in (False, True):
+        model, _ = build_model(SPEC, FinetuneConfig(method="qlora", lora_dropout=0.05, fused_lora=fused), "cpu")
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name: p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        model.train(); torch.manual_seed(0)
+        loss = _lm_loss_chunked(model, batch, 256); loss.backward()
+        bound = [m for m in model.modules() if getattr(m.forward, "__func__", None) is fused_lora_forward]
+        assert len(bound) == (7 * 30 if fused else 0)
+        if fused: assert type(bound[0].base_layer).__name__ == "Linear4bit"
+        got[fused] = loss.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    assert abs(got[True][0] - got[False][0]) < 1e-5 * abs(got[False][0])
+    g0, g1 = got[False][1], got[True][1]
+    num = sum((g0[k] - g1[k]).square().sum() for k in g0) ** 0.5
+    den = sum(g0[k].square().sum() for k in g0) ** 0.5
+    assert den > 0 and num / den < 1e-4, num / den
+
+
 def test_packed_attention_keeps_gemma3_sliding_windows_on_real_conversations():
     """Gemma 3 270M (sliding-window layers of 512 tokens between global ones): a real ShareGPT conversation
     longer than the window, packed after another one, gets the logits of transformers' masked SDPA and of the
