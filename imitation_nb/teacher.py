@@ -8,7 +8,7 @@ Docs: https://imitation-nb.github.io/imitation_nb/teacher.html.md"""
 # %% ../nbs/20_teacher.ipynb #8e9004b7
 from __future__ import annotations
 
-import asyncio, dataclasses, hashlib, json, logging, math, os, random, sqlite3, threading, time
+import asyncio, dataclasses, hashlib, json, logging, math, os, random, socket, sqlite3, threading, time, uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -114,6 +114,7 @@ def cache_key(model: str, messages: list, params: dict, sample: int = 0) -> str:
     return stable_hash({"model": model, "messages": msgs, "params": kp, "sample": int(sample)}, n=64)
 
 # %% ../nbs/20_teacher.ipynb #fc3b3cfd
+_SCHEMA_VERSION = 2     # 1: responses only; 2: + inflight, resent (an old file is upgraded in place on open)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
   key TEXT PRIMARY KEY,          -- cache_key(model, messages, params, sample)
@@ -130,14 +131,56 @@ CREATE TABLE IF NOT EXISTS responses (
   latency_s REAL,
   created TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS inflight (   -- samples of calls sent and not yet answered into `responses`
+  key TEXT NOT NULL,             -- cache key of the sample
+  owner TEXT NOT NULL,           -- the client that sent it (host:pid:uuid, see _owner_alive)
+  host TEXT NOT NULL,
+  pid INTEGER NOT NULL,
+  pid_start REAL NOT NULL,       -- start time of that process (a reused pid is another process)
+  call TEXT NOT NULL,            -- id of the HTTP request; the samples sent together (n > 1) share it
+  n INTEGER NOT NULL,            -- samples asked for in that request
+  model TEXT NOT NULL,
+  prompt_tokens_est INTEGER NOT NULL,       -- estimate_prompt_tokens(messages) of the request
+  max_completion_tokens INTEGER NOT NULL,   -- max_tokens * n
+  started TEXT NOT NULL,
+  PRIMARY KEY (key, owner)
+);
+CREATE TABLE IF NOT EXISTS resent (     -- calls lost to an interruption whose samples were sent again
+  call TEXT PRIMARY KEY,         -- the lost call (billed once, whichever of its samples was re-sent first)
+  owner TEXT NOT NULL,           -- the client that had sent it
+  model TEXT NOT NULL,
+  n INTEGER NOT NULL,
+  started TEXT NOT NULL,         -- when the lost call was sent
+  resent TEXT NOT NULL,          -- when it was sent again
+  prompt_tokens_est INTEGER NOT NULL,
+  prompt_tokens INTEGER NOT NULL,           -- billed for the lost call (see ChatClient._bill_lost)
+  completion_tokens INTEGER NOT NULL,
+  cost REAL NOT NULL
+);
 """
 
 def _endpoint(url: str) -> str:
     u = urlparse(url)
     return f"{u.scheme}://{u.hostname}" + (f":{u.port}" if u.port else "")
 
+_HOST = socket.gethostname()
+_LIVE_OWNERS: set[str] = set()     # owners (ChatClient instances) open in this process
+
+def _owner_alive(host: str, pid: int, pid_start: float, owner: str) -> bool:
+    "Is the client that wrote an `inflight` row still running? (Another host's rows count as dead.)"
+    if host != _HOST: return False
+    if pid == os.getpid(): return owner in _LIVE_OWNERS
+    import psutil
+    try:
+        p = psutil.Process(pid)
+        return abs(p.create_time() - pid_start) < 0.05 and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess: return False
+    except psutil.AccessDenied: return True
+
 class ResponseCache:
-    "SQLite response cache: one row per sample. `readonly=True` opens an immutable replay file."
+    """SQLite response cache: one row per sample, plus the `inflight` samples (recorded before a call is sent,
+    cleared in the transaction that caches its answer) and the `resent` bill. `readonly=True` opens an
+    immutable replay file."""
     def __init__(self, path, readonly: bool = False):
         self.path, self.readonly = Path(path), readonly
         if readonly:
@@ -146,14 +189,39 @@ class ResponseCache:
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(str(self.path), timeout=60, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA busy_timeout=60000")
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
-            self.db.execute("PRAGMA busy_timeout=60000")
-            self.db.executescript(_SCHEMA)
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version > _SCHEMA_VERSION:
+                raise RuntimeError(f"cache {self.path} has schema version {version}; this imitation_nb knows up to "
+                                   f"{_SCHEMA_VERSION} (update the package or use another cache_path)")
+            try:   # CREATE IF NOT EXISTS: an old file (responses only) gains the new tables, its rows are kept
+                self.db.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nPRAGMA user_version={_SCHEMA_VERSION};\nCOMMIT;")
+            except BaseException:
+                if self.db.in_transaction: self.db.execute("ROLLBACK")
+                raise
         self.lock = threading.Lock()
 
     _COLS = ("key", "model_requested", "sample", "request", "content", "finish_reason", "model",
              "system_fingerprint", "usage", "cost", "endpoint", "latency_s", "created")
+    _INFLIGHT = ("key", "owner", "host", "pid", "pid_start", "call", "n", "model", "prompt_tokens_est",
+                 "max_completion_tokens", "started")
+    _RESENT = ("call", "owner", "model", "n", "started", "resent", "prompt_tokens_est", "prompt_tokens",
+               "completion_tokens", "cost")
+
+    def _tx(self):
+        "A write transaction (BEGIN IMMEDIATE: takes the write lock up front, waits up to busy_timeout for it)."
+        db = self.db
+        class _T:
+            def __enter__(s): db.execute("BEGIN IMMEDIATE")
+            def __exit__(s, et, *a):
+                if et is None: db.execute("COMMIT")
+                elif db.in_transaction: db.execute("ROLLBACK")
+        return _T()
+
+    def _has(self, table: str) -> bool:
+        return self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (table,)).fetchone() is not None
 
     def get(self, key: str) -> dict | None:
         with self.lock:
@@ -164,13 +232,62 @@ class ResponseCache:
         r["request"] = json.loads(r["request"])
         return r
 
-    def put(self, row: dict):
-        if self.readonly: raise PermissionError(f"{self.path} is a read-only replay cache")
+    def _row_values(self, row: dict) -> list:
         vals = [row.get(c) for c in self._COLS]
         vals[self._COLS.index("usage")] = to_json(row.get("usage") or {})
         vals[self._COLS.index("request")] = to_json(row["request"])
+        return vals
+
+    _INSERT = f"INSERT OR IGNORE INTO responses ({', '.join(_COLS)}) VALUES ({', '.join('?' * len(_COLS))})"
+
+    def put(self, row: dict):
+        if self.readonly: raise PermissionError(f"{self.path} is a read-only replay cache")
+        vals = self._row_values(row)
+        with self.lock: self.db.execute(self._INSERT, vals)
+
+    # -- in-flight samples and the bill of calls re-sent after an interruption ---------------------------
+    def mark_inflight(self, rows: list[dict]):
+        "Record samples as in flight (committed before the call is sent)."
+        if self.readonly: raise PermissionError(f"{self.path} is a read-only replay cache")
+        with self.lock, self._tx():
+            self.db.executemany(f"INSERT OR REPLACE INTO inflight ({', '.join(self._INFLIGHT)}) VALUES "
+                                f"({', '.join('?' * len(self._INFLIGHT))})", [[r[c] for c in self._INFLIGHT] for r in rows])
+
+    def clear_inflight(self, keys, owner: str):
+        "Forget `owner`'s in-flight samples `keys` (the call failed for a known reason: nothing was answered)."
+        with self.lock, self._tx():
+            self.db.executemany("DELETE FROM inflight WHERE key=? AND owner=?", [(k, owner) for k in keys])
+
+    def inflight(self, keys=None) -> list[dict]:
+        "In-flight rows (all, or those of `keys`), each with `alive`: is the client that sent it still running?"
+        if not self._has("inflight"): return []
         with self.lock:
-            self.db.execute(f"INSERT OR IGNORE INTO responses ({', '.join(self._COLS)}) VALUES ({', '.join('?' * len(self._COLS))})", vals)
+            if keys is None: rs = self.db.execute(f"SELECT {', '.join(self._INFLIGHT)} FROM inflight ORDER BY started").fetchall()
+            else:
+                keys = list(keys)
+                rs = self.db.execute(f"SELECT {', '.join(self._INFLIGHT)} FROM inflight WHERE key IN ({', '.join('?' * len(keys))})", keys).fetchall()
+        out, alive = [dict(zip(self._INFLIGHT, r)) for r in rs], {}
+        for r in out:
+            o = r["owner"]
+            if o not in alive: alive[o] = _owner_alive(r["host"], r["pid"], r["pid_start"], o)
+            r["alive"] = alive[o]
+        return out
+
+    def put_answer(self, rows: list[dict], keys, owner: str, lost: list[dict] = ()) -> list[dict]:
+        """In ONE transaction: cache the answered `rows`, clear `owner`'s in-flight `keys`, bill the `lost`
+        calls (`resent` rows; a call already billed is not billed again) and clear their in-flight rows for
+        `keys`. Returns the `lost` entries billed now."""
+        if self.readonly: raise PermissionError(f"{self.path} is a read-only replay cache")
+        billed = []
+        with self.lock, self._tx():
+            self.db.executemany(self._INSERT, [self._row_values(r) for r in rows])
+            self.db.executemany("DELETE FROM inflight WHERE key=? AND owner=?", [(k, owner) for k in keys])
+            for b in lost:
+                cur = self.db.execute(f"INSERT OR IGNORE INTO resent ({', '.join(self._RESENT)}) VALUES "
+                                      f"({', '.join('?' * len(self._RESENT))})", [b[c] for c in self._RESENT])
+                if cur.rowcount == 1: billed.append(b)
+                self.db.executemany("DELETE FROM inflight WHERE key=? AND owner=?", [(k, b["owner"]) for k in keys])
+        return billed
 
     def keys(self) -> set[str]:
         with self.lock: return {r[0] for r in self.db.execute("SELECT key FROM responses")}
@@ -179,12 +296,17 @@ class ResponseCache:
         with self.lock: return self.db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
 
     def totals(self) -> dict:
-        "Rows, tokens and dollars recorded in this file."
+        """The bill recorded in this file: answered rows, their tokens and dollars, plus the calls lost to an
+        interruption and sent again (`resent_after_interruption`, `resent_dollars`); `bill_dollars` is the sum."""
         with self.lock:
             rows = self.db.execute("SELECT usage, cost FROM responses").fetchall()
+            rs = self.db.execute("SELECT COUNT(*), COALESCE(SUM(cost), 0) FROM resent").fetchone() if self._has("resent") else (0, 0.0)
         u = [json.loads(x or "{}") for x, _ in rows]
-        return {"rows": len(rows), "dollars": round(sum(c or 0 for _, c in rows), 6),
-                "completion_tokens": sum(x.get("completion_tokens", 0) for x in u)}
+        dollars = sum(c or 0 for _, c in rows)
+        return {"rows": len(rows), "dollars": round(dollars, 6),
+                "completion_tokens": sum(x.get("completion_tokens", 0) for x in u),
+                "resent_after_interruption": rs[0], "resent_dollars": round(rs[1], 6),
+                "bill_dollars": round(dollars + rs[1], 6)}
 
     def checkpoint(self):
         "Fold the WAL into the main file (for copying/committing a cache)."
@@ -219,6 +341,8 @@ class Ledger:
         self.requests = self.prompt_tokens = self.completion_tokens = 0
         self.dollars = 0.0
         self.res_tokens = 0; self.res_dollars = 0.0
+        self.resent = self.resent_prompt_tokens = self.resent_completion_tokens = 0   # lost to an interruption
+        self.resent_dollars = 0.0
         self.lock = threading.Lock()
 
     def price(self, prompt_tokens: int, completion_tokens: int) -> float:
@@ -243,10 +367,20 @@ class Ledger:
             self.prompt_tokens += prompt_tokens; self.completion_tokens += completion_tokens; self.dollars += cost
         return cost
 
+    def add_resent(self, prompt_tokens: int, completion_tokens: int, cost: float):
+        """Bill a call that an interrupted run had sent (its answer was lost) and this client sent again. Not
+        charged to this client's budget: it was spent by the earlier run."""
+        with self.lock:
+            self.resent += 1; self.resent_prompt_tokens += prompt_tokens
+            self.resent_completion_tokens += completion_tokens; self.resent_dollars += cost
+
     def snapshot(self) -> dict:
+        "The budget line: this client's own spending, the calls re-sent after an interruption, and the sum."
         with self.lock:
             return {"requests_sent": self.requests, "prompt_tokens": self.prompt_tokens,
-                    "completion_tokens": self.completion_tokens, "dollars": round(self.dollars, 6)}
+                    "completion_tokens": self.completion_tokens, "dollars": round(self.dollars, 6),
+                    "resent_after_interruption": self.resent, "resent_dollars": round(self.resent_dollars, 6),
+                    "bill_dollars": round(self.dollars + self.resent_dollars, 6)}
 
 # %% ../nbs/20_teacher.ipynb #6d994fcf
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -303,6 +437,25 @@ class ChatClient:
         self.base_url = c.base_url
         self._server = None
         self._rng = random.Random()
+        import psutil
+        self.owner = f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex[:12]}"   # this client in the cache's `inflight` rows
+        self._pid_start = psutil.Process().create_time()
+        _LIVE_OWNERS.add(self.owner)
+        self._report_interrupted()
+
+    def _report_interrupted(self):
+        "Warn about calls left in flight by a run that died (kill -9, crash): the server may have billed them."
+        stale = [r for r in self.cache.inflight() if not r["alive"]]
+        calls = {r["call"]: r for r in stale}
+        self.counts["interrupted_in_flight"] = len(calls)
+        if calls:
+            worst = sum(self.ledger.price(r["prompt_tokens_est"], r["max_completion_tokens"]) for r in calls.values())
+            log.warning("%s: %d request(s) (%d sample(s)) in %s were in flight when an earlier run (pid %s) stopped "
+                        "before caching their answers (sent %s .. %s): the server may have answered and billed them. "
+                        "Each one requested again is re-sent and billed as 're-sent after interruption' "
+                        "(at most ~$%.6f in all by the recorded estimates).", self.cfg.section, len(calls), len(stale),
+                        self.cache_path, ",".join(sorted({str(r["pid"]) for r in stale})),
+                        min(r["started"] for r in stale), max(r["started"] for r in stale), worst)
 
     # -- lookup ------------------------------------------------------------------------------------
     def lookup(self, key: str) -> dict | None:
@@ -337,13 +490,22 @@ class ChatClient:
                                   timeout=self.cfg.timeout)
 
     async def _call(self, sdk, messages, params: dict, n: int, keys: list[str]):
-        "One logical API call with retries; returns (ChatCompletion, latency, cost) or raises."
+        """One logical API call with retries; returns (ChatCompletion, latency, cost) or raises. Its samples are
+        recorded in the cache's `inflight` table (committed) before the first attempt leaves, and cleared again
+        if it fails for a known reason; on success `_send` clears them when it caches the answer."""
         c = self.cfg
         body = {k: v for k, v in params.items() if k != "n"}
         est, maxc = estimate_prompt_tokens(messages), int(params.get("max_tokens") or 0) * n
+        marked = False
         for attempt in range(c.max_retries + 1):
             tok = self.ledger.reserve(est, maxc)
-            if tok is None: raise BudgetExhausted(f"{c.section}: budget exhausted ({self.ledger.snapshot()}, limits {dataclasses.asdict(c.budget)})")
+            if tok is None:
+                if marked: self.cache.clear_inflight(keys, self.owner)
+                raise BudgetExhausted(f"{c.section}: budget exhausted ({self.ledger.snapshot()}, limits {dataclasses.asdict(c.budget)})")
+            if not marked:
+                try: self.cache.mark_inflight(self._inflight_rows(keys, n, est, maxc))
+                except BaseException: self.ledger.settle(tok); raise
+                marked = True
             t0 = time.monotonic()
             try:
                 self.counts["api_calls"] += 1
@@ -354,6 +516,7 @@ class ChatClient:
                 retry, status, ra = classify_error(e)
                 if not retry or attempt == c.max_retries:
                     self.counts["errors"] += 1
+                    self.cache.clear_inflight(keys, self.owner)
                     raise RequestFailed(f"{c.section}: {type(e).__name__} (status {status}) after {attempt + 1} attempt(s): {str(e)[:200]}") from None
                 delay = backoff_delay(attempt, c.backoff_base, c.backoff_max, ra, self._rng)
                 self.counts["retries"] += 1
@@ -366,7 +529,28 @@ class ChatClient:
             cost = self.ledger.settle(tok, pt, ct)
             return resp, time.monotonic() - t0, cost
 
-    async def _one(self, sdk_box, sem, req: dict, idx: int, out: list, secret: str | None, inflight: dict):
+    def _inflight_rows(self, keys, n, est, maxc) -> list[dict]:
+        call, now = uuid.uuid4().hex, now_iso()
+        return [{"key": k, "owner": self.owner, "host": _HOST, "pid": os.getpid(), "pid_start": self._pid_start,
+                 "call": call, "n": n, "model": self.cfg.model, "prompt_tokens_est": est,
+                 "max_completion_tokens": maxc, "started": now} for k in keys]
+
+    def _bill_lost(self, stale: list[dict], resp, n_sent: int) -> list[dict]:
+        """`resent` rows for the calls that died in flight (`stale` in-flight rows of dead clients) now sent again.
+        A lost call had the same prompt as this one, so it is billed at this call's prompt tokens and its
+        completion tokens per sample (× its own n); without usage from the server, at the recorded estimates
+        (prompt tokens from the characters, `max_tokens × n`)."""
+        u, out = resp.usage, []
+        for call, r in {r["call"]: r for r in stale}.items():
+            if u is not None and u.prompt_tokens is not None:
+                pt, ct = int(u.prompt_tokens), round((u.completion_tokens or 0) * r["n"] / max(1, n_sent))
+            else: pt, ct = r["prompt_tokens_est"], r["max_completion_tokens"]
+            out.append({"call": call, "owner": r["owner"], "model": r["model"], "n": r["n"], "started": r["started"],
+                        "resent": now_iso(), "prompt_tokens_est": r["prompt_tokens_est"], "prompt_tokens": pt,
+                        "completion_tokens": ct, "cost": self.ledger.price(pt, ct), "pid": r["pid"]})
+        return out
+
+    async def _one(self, sdk_box, sem, req: dict, idx: int, out: list, secret: str | None, pending: dict):
         c = self.cfg
         messages = [{"role": m["role"], "content": m["content"]} for m in req["messages"]]
         params = request_params(req, c.sampling)
@@ -375,15 +559,15 @@ class ChatClient:
         keys = [cache_key(c.model, messages, params, s) for s in samples]
         rows = {k: self.lookup(k) for k in keys}
         missing = [(s, k) for s, k in zip(samples, keys) if rows[k] is None]
-        while any(k in inflight for _, k in missing):        # an identical request is in flight: wait for it
-            await asyncio.gather(*(inflight[k].wait() for _, k in missing if k in inflight))
+        while any(k in pending for _, k in missing):         # an identical request is in flight: wait for it
+            await asyncio.gather(*(pending[k].wait() for _, k in missing if k in pending))
             for _, k in missing: rows[k] = rows[k] or self.lookup(k)
             missing = [(s, k) for s, k in missing if rows[k] is None]
-        for _, k in missing: inflight[k] = asyncio.Event()
+        for _, k in missing: pending[k] = asyncio.Event()
         try:
             if missing: await self._send(sdk_box, sem, messages, params, missing, rows, secret, req)
         finally:
-            for _, k in missing: inflight.pop(k).set()
+            for _, k in missing: pending.pop(k).set()
         self._assemble(req, idx, out, params, samples, keys, rows)
 
     async def _send(self, sdk_box, sem, messages, params, missing, rows, secret, req):
@@ -395,6 +579,7 @@ class ChatClient:
             resp, lat, cost = await self._call(sdk_box[0], messages, params, len(missing), [k for _, k in missing])
         usage = {"prompt_tokens": resp.usage.prompt_tokens, "completion_tokens": resp.usage.completion_tokens} if resp.usage else {}
         share = {"shared_by": len(missing), **usage}
+        new = []
         for (s, k), ch in zip(missing, sorted(resp.choices, key=lambda ch: ch.index)):
             row = {"key": k, "model_requested": c.model, "sample": s,
                    "request": {"messages": messages, "params": {kk: vv for kk, vv in params.items() if kk != "n"}},
@@ -403,7 +588,16 @@ class ChatClient:
                    "cost": cost / len(missing), "endpoint": _endpoint(self.base_url), "latency_s": round(lat, 3),
                    "created": now_iso()}
             if secret and secret in to_json(row): raise RuntimeError(f"{c.section}: refusing to cache a row containing the API key")
-            self.cache.put(row); rows[k] = dict(row, fresh=True)
+            new.append(row)
+        # cache the answer, clear our in-flight rows and bill the calls an interrupted run lost: one transaction
+        keys = [k for _, k in missing]
+        lost = self._bill_lost([r for r in self.cache.inflight(keys) if not r["alive"]], resp, len(missing))
+        for b in self.cache.put_answer(new, keys, self.owner, lost):
+            self.ledger.add_resent(b["prompt_tokens"], b["completion_tokens"], b["cost"])
+            log.warning("%s: re-sent request %r, in flight when run pid %s was interrupted (sent %s, its answer "
+                        "lost): the lost call is added to the bill as 're-sent after interruption' (~$%.6f)",
+                        c.section, req.get("id"), b["pid"], b["started"], b["cost"])
+        for row in new: rows[row["key"]] = dict(row, fresh=True)
         if len(resp.choices) < len(missing):
             raise RequestFailed(f"{c.section}: server returned {len(resp.choices)} choices for n={len(missing)}")
 
@@ -425,8 +619,8 @@ class ChatClient:
         sem = asyncio.Semaphore(max(1, self.cfg.concurrency))
         sdk_box = [None]
         secret = os.environ.get(self.cfg.api_key_env) if self.cfg.api_key_env else None
-        inflight: dict = {}   # cache key -> Event: identical requests in one batch are sent once
-        tasks = [asyncio.ensure_future(self._one(sdk_box, sem, r, i, out, secret, inflight)) for i, r in enumerate(requests)]
+        pending: dict = {}    # cache key -> Event: identical requests in one batch are sent once
+        tasks = [asyncio.ensure_future(self._one(sdk_box, sem, r, i, out, secret, pending)) for i, r in enumerate(requests)]
         budget_hit, failures = None, []
         try:
             for i, t in enumerate(tasks):
@@ -462,10 +656,13 @@ class ChatClient:
         return self.complete([{"id": "one", "messages": messages, **params}])[0]["content"]
 
     def stats(self) -> dict:
+        """This client's budget line (`Ledger.snapshot`: sent, tokens, dollars, calls re-sent after an
+        interruption and their estimated cost, the bill), counters and the cache."""
         return {**self.ledger.snapshot(), **self.counts, "cache_rows": len(self.cache), "cache_path": str(self.cache_path)}
 
     def close(self):
         if self._server is not None: self._server.stop(); self._server = None
+        _LIVE_OWNERS.discard(self.owner)
         self.cache.close()
         for r in self.replays: r.close()
 
@@ -473,20 +670,31 @@ class ChatClient:
     def __exit__(self, *a): self.close()
 
 # %% ../nbs/20_teacher.ipynb #7ea04e42
-def fake_openai_app(fail_first: list[int] | None = None, retry_after: str = "0"):
-    "A minimal OpenAI-compatible FastAPI app (echoes the last user message) for examples and unit tests."
+def fake_openai_app(fail_first: list[int] | None = None, retry_after: str = "0", delay_s: float = 0.0,
+                    hold_after: int | None = None):
+    """A minimal OpenAI-compatible FastAPI app (echoes the last user message) for examples and unit tests.
+    `app.state.fake` counts the calls received (`calls`) and answered (`answered`, with the cache keys the client
+    announced in `answered_keys`). Answers wait `delay_s`; calls after the first `hold_after` are held until
+    `app.state.fake["release"]` (a threading.Event) is set, and answered then even if the client is gone."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
-    app = FastAPI(); state = {"calls": 0, "fail": list(fail_first or []), "bodies": []}
+    app = FastAPI()
+    state = {"calls": 0, "answered": 0, "answered_keys": [], "fail": list(fail_first or []), "bodies": [],
+             "release": threading.Event()}
     app.state.fake = state
     async def chat(req):
-        body = await req.json(); state["calls"] += 1; state["bodies"].append(body)
+        body = await req.json(); state["calls"] += 1; state["bodies"].append(body); i = state["calls"]
+        keys = [k for k in req.headers.get("x-imitation-cache-keys", "").split(",") if k]
+        if delay_s: await asyncio.sleep(delay_s)
+        if hold_after is not None and i > hold_after:
+            while not state["release"].is_set(): await asyncio.sleep(0.01)
         if state["fail"]:
             code = state["fail"].pop(0)
             return JSONResponse({"error": {"message": "injected", "type": "server_error", "code": code}},
                                 status_code=code, headers={"Retry-After": retry_after})
         text = body["messages"][-1]["content"][::-1]
         n = body.get("n", 1)
+        state["answered"] += 1; state["answered_keys"] += keys
         return {"id": "x", "object": "chat.completion", "created": int(time.time()), "model": body["model"] + "-0001",
                 "system_fingerprint": "fp_fake", "usage": {"prompt_tokens": 10, "completion_tokens": 5 * n, "total_tokens": 10 + 5 * n},
                 "choices": [{"index": i, "finish_reason": "stop", "message": {"role": "assistant", "content": f"{text}#{i}"}} for i in range(n)]}

@@ -5,7 +5,7 @@ loopback port and talk to it through the real `ChatClient` over HTTP, optionally
 proxy in `tests/teacher_fixtures/fault_proxy.py`. Generation is kept short (16-64 new tokens) so that the
 whole file runs in a few minutes on 2 CPU cores.
 """
-import json, os, signal, sqlite3, subprocess, sys, time, uuid
+import json, os, shutil, signal, sqlite3, subprocess, sys, time, uuid
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,7 @@ from imitation_nb.core import read_jsonl, read_manifest  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
 COMMITTED_CACHE = ROOT / "data" / "cache" / "nq_synthetic_smoke.sqlite"
+COLLECT = Path(__file__).resolve().parent / "teacher_fixtures" / "collect.py"
 
 
 def _env(**extra):
@@ -183,6 +184,9 @@ def test_fault_injection_then_kill9_resume(server, tmp_path):
         ok_all = proxy.ok_keys()
         in_flight = len(ok_all) - len(set(ok_all))                            # answered but killed before caching
         assert in_flight <= 1
+        # ... and reported: the call in flight at the kill (if any; it may have hit a fault) is billed as re-sent
+        stats_b = read_manifest(tmp_path / "b")["extra"]["teacher_stats"]
+        assert in_flight <= stats_b["resent_after_interruption"] == stats_b["interrupted_in_flight"] <= 1
         recs_b, audit_b = _check_output(tmp_path / "b")                         # nothing duplicated
         assert audit_b["calls"] == 10 and read_manifest(tmp_path / "b")["status"] == "done"
         assert read_manifest(tmp_path / "b")["attempt"] == 2
@@ -301,3 +305,152 @@ def test_helper_server_exits_when_its_client_is_killed(tmp_path):
             pytest.fail("the helper server outlived its killed client by 60 s")
     finally:
         if client.poll() is None: client.kill()
+
+
+# --------------------------------------------------------------------------------------------------------
+# In-flight requests: recorded before they are sent, billed as "re-sent after interruption" after a kill -9.
+# These use the in-process fake OpenAI server (`fake_openai_app`: 10 prompt + 5 completion tokens per call),
+# which counts the calls it answered, and the collector in teacher_fixtures/collect.py as the killed process.
+
+def _inflight_rows(path) -> list:
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try: return db.execute("SELECT key, owner, pid, call FROM inflight").fetchall()
+    except sqlite3.OperationalError: return []                           # no such table
+    finally: db.close()
+
+
+def _wait_for(cond, what, procs=(), timeout=120):
+    t0 = time.time()
+    while not cond():
+        for p in procs:
+            if p.poll() is not None: pytest.fail(f"collector exited ({p.returncode}) before {what}")
+        if time.time() - t0 > timeout: pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _collect_cmd(cfg: dict, n: int):
+    return [sys.executable, str(COLLECT), json.dumps(cfg), str(n)]
+
+
+def _last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_kill9_in_flight_requests_are_reported_and_billed(tmp_path):
+    """kill -9 while `concurrency` calls are held by the server (received, not yet answered): the server answers
+    them after the kill (a real API bills them), so they are paid twice once the restart sends them again. The
+    restart reports exactly those (= upstream answered - cached), re-sends nothing that was cached, and the
+    bill (cache totals + re-sent) matches the calls the upstream answered, in count and in dollars."""
+    from imitation_nb.teacher import ThreadServer, fake_openai_app
+    K, C, N = 5, 3, 12                 # answered before the kill / in flight at the kill (= concurrency) / requests
+    pin, pout = 1.0, 2.0
+    per_call = (10 * pin + 5 * pout) / 1e6
+    app = fake_openai_app(hold_after=K)
+    fake = app.state.fake
+    cache = tmp_path / "cache.sqlite"
+    with ThreadServer(app) as srv:
+        cfg = {"base_url": srv.base_url, "model": "fake", "cache_path": str(cache), "concurrency": C,
+               "timeout": 300, "max_retries": 0, "price_per_1m_input": pin, "price_per_1m_output": pout}
+        with open(tmp_path / "run1.err", "w") as err:
+            proc = subprocess.Popen(_collect_cmd(cfg, N), env=_env(), stdout=subprocess.DEVNULL, stderr=err,
+                                    start_new_session=True)
+        try:
+            _wait_for(lambda: fake["calls"] == K + C and len(_cache_keys(cache)) == K, "K answers cached, C held", [proc])
+            rows = _inflight_rows(cache)                       # recorded (committed) before the calls were sent
+            assert len(rows) == C and {r[2] for r in rows} == {proc.pid}
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL); proc.wait()
+        killed_keys = _cache_keys(cache)
+        assert len(killed_keys) == K and len(_inflight_rows(cache)) == C
+        fake["release"].set()                                  # the server answers the held calls: paid, lost
+        _wait_for(lambda: fake["answered"] == K + C, "the held calls answered after the kill")
+        answered1, keys1 = fake["answered"], list(fake["answered_keys"])
+        lost = set(keys1) - killed_keys
+        assert len(lost) == answered1 - len(killed_keys) == C
+
+        res = subprocess.run(_collect_cmd(cfg, N), env=_env(), capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        out, st = _last_json(res.stdout), _last_json(res.stdout)["stats"]
+        keys2 = fake["answered_keys"][len(keys1):]
+        answered2 = fake["answered"] - answered1
+        # the report: exactly the answered-but-uncached calls, found at start and re-sent
+        assert st["interrupted_in_flight"] == answered1 - len(killed_keys)
+        assert st["resent_after_interruption"] == answered1 - len(killed_keys)
+        assert f"{C} request(s) ({C} sample(s))" in res.stderr and "in flight when an earlier run" in res.stderr
+        assert res.stderr.count("re-sent after interruption") == 1 + C      # the summary + one per re-sent call
+        assert lost <= set(keys2) and not (set(keys2) & killed_keys)        # nothing cached was sent again
+        assert st["requests_sent"] == answered2 == N - K
+        # the bill: this run's own calls + the lost ones; the cache's totals = every call the upstream answered
+        assert st["dollars"] == pytest.approx(answered2 * per_call) and st["resent_dollars"] == pytest.approx(C * per_call)
+        assert st["bill_dollars"] == pytest.approx((answered2 + C) * per_call)
+        tot = out["totals"]
+        assert tot["rows"] == N and tot["rows"] + tot["resent_after_interruption"] == answered1 + answered2
+        assert tot["bill_dollars"] == pytest.approx((answered1 + answered2) * per_call)
+        assert _inflight_rows(cache) == []
+        assert out["answers"] == {f"q{i}": f"question number {i}"[::-1] + "#0" for i in range(N)}
+        # a third run: all cached, nothing sent, nothing reported, the lost calls are not billed twice
+        res3 = subprocess.run(_collect_cmd(cfg, N), env=_env(), capture_output=True, text=True, timeout=300)
+        assert res3.returncode == 0, res3.stderr[-3000:]
+        out3 = _last_json(res3.stdout)
+        assert (out3["stats"]["requests_sent"], out3["stats"]["interrupted_in_flight"], out3["stats"]["resent_after_interruption"]) == (0, 0, 0)
+        assert "re-sent" not in res3.stderr and out3["totals"] == tot and fake["answered"] == answered1 + answered2
+
+
+def test_inflight_rows_of_live_concurrent_writers_are_not_billed(tmp_path):
+    """Three collectors on one cache file, all holding the same keys in flight at once (the server holds every
+    call until they all arrived): each records its own in-flight rows (WAL, no 'database is locked'), nobody
+    takes another live process's rows for an interrupted run, and the table is empty at the end."""
+    from imitation_nb.teacher import ThreadServer, fake_openai_app, ChatClient
+    P, C, N = 3, 3, 9
+    app = fake_openai_app(hold_after=0)
+    fake = app.state.fake
+    cache = tmp_path / "cache.sqlite"
+    with ThreadServer(app) as srv:
+        cfg = {"base_url": srv.base_url, "model": "fake", "cache_path": str(cache), "concurrency": C,
+               "timeout": 300, "max_retries": 0}
+        procs = [subprocess.Popen(_collect_cmd(cfg, N), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(P)]
+        try:
+            _wait_for(lambda: fake["calls"] == P * C, "every collector's calls in flight", procs)
+            rows = _inflight_rows(cache)
+            assert len(rows) == P * C and {r[2] for r in rows} == {p.pid for p in procs}
+            assert len({r[0] for r in rows}) == C                          # the same C keys, once per process
+            with ChatClient(cfg) as other:                                 # a 4th writer opening the file now
+                assert other.stats()["interrupted_in_flight"] == 0
+        finally:
+            fake["release"].set()
+            outs = [p.communicate(timeout=300) for p in procs]
+    for p, (so, se) in zip(procs, outs):
+        assert p.returncode == 0, se[-3000:]
+        assert "database is locked" not in se and "in flight" not in se and "re-sent" not in se
+        st = _last_json(so)["stats"]
+        assert (st["interrupted_in_flight"], st["resent_after_interruption"]) == (0, 0)
+    assert sum(_last_json(so)["stats"]["requests_sent"] for so, _ in outs) == fake["answered"]
+    assert len(_cache_keys(cache)) == N and _inflight_rows(cache) == []
+
+
+def test_old_cache_db_is_upgraded_in_place(tmp_path):
+    """A cache written before the in-flight table existed (the committed recording) is upgraded in place when
+    opened read-write: new tables, schema version 2, every old row byte-identical and still answered."""
+    from imitation_nb.teacher import ThreadServer, fake_openai_app, ChatClient, ResponseCache
+    old = tmp_path / "old.sqlite"
+    shutil.copy(COMMITTED_CACHE, old)
+    def dump(p):
+        db = sqlite3.connect(p)
+        try: return (db.execute("SELECT * FROM responses ORDER BY key").fetchall(),
+                     {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")},
+                     db.execute("PRAGMA user_version").fetchone()[0])
+        finally: db.close()
+    rows0, tables0, v0 = dump(old)
+    assert tables0 == {"responses"} and v0 == 0 and len(rows0) > 0
+    key, content = rows0[0][0], rows0[0][4]
+    with ThreadServer(fake_openai_app()) as srv:
+        with ChatClient(base_url=srv.base_url, model="fake", cache_path=str(old)) as cl:
+            assert cl.stats()["interrupted_in_flight"] == 0
+            assert cl.lookup(key)["content"] == content
+            assert cl.complete_one([{"role": "user", "content": "new"}]) == "wen#0"
+            cl.cache.checkpoint()
+    rows1, tables1, v1 = dump(old)
+    assert tables1 == {"responses", "inflight", "resent"} and v1 == 2
+    assert len(rows1) == len(rows0) + 1 and set(rows0) <= set(rows1)          # nothing lost or changed
+    assert ResponseCache(old, readonly=True).get(key)["content"] == content
