@@ -18,12 +18,12 @@ from .core import (register_section, project_root, data_dir, atomic_write_text, 
 
 # %% auto #0
 __all__ = ['STEPS', 'JSONL_SUFFIXES', 'LOADERS', 'ROLE_MAP', 'BROKEN_TURN', 'SOURCES_OUTPUTS', 'DataConfig', 'Ledger',
-           'RecordError', 'check_text', 'check_messages', 'check_id', 'where_of', 'JsonItem', 'json_layout',
-           'iter_json_values', 'sharegpt_wheel_path', 'resolve_path', 'load_sharegpt', 'load_hc3', 'clean_discord_text',
-           'load_discord', 'load_chat_jsonl', 'Drop', 'normalise_roles', 'looks_like_html', 'html_to_markdown',
-           'clean_turns', 'fast_langid', 'conv_language', 'filter_language', 'query_key', 'ExactDedup', 'shingles',
-           'NearDedup', 'build_conversations', 'write_conversations', 'read_conversations', 'sources_params',
-           'run_sources']
+           'RecordError', 'check_meta', 'check_text', 'check_messages', 'check_id', 'where_of', 'JsonItem',
+           'json_layout', 'iter_json_values', 'sharegpt_wheel_path', 'resolve_path', 'load_sharegpt', 'load_hc3',
+           'clean_discord_text', 'load_discord', 'load_chat_jsonl', 'Drop', 'normalise_roles', 'looks_like_html',
+           'html_to_markdown', 'clean_turns', 'fast_langid', 'conv_language', 'filter_language', 'query_key',
+           'ExactDedup', 'shingles', 'NearDedup', 'build_conversations', 'write_conversations', 'read_conversations',
+           'sources_params', 'run_sources']
 
 # %% ../nbs/10_sources.ipynb #9208e9bb
 @register_section("data")
@@ -134,12 +134,24 @@ class RecordError(ValueError):
     def __init__(self, reason: str, detail: str = "", id: str | None = None):
         super().__init__(f"{reason}: {detail}" if detail else reason); self.reason, self.detail, self.id = reason, detail, id
 
-_SURROGATE = re.compile(r"[\udc80-\udcff]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+def _check_unicode(x: str, what: str):
+    "An invalid input byte (kept as U+DC80–U+DCFF by `surrogateescape`) or a JSON-escaped lone surrogate (`\\ud800`)."
+    if (m := _SURROGATE.search(x)) is None: return
+    if "\udc80" <= m.group() <= "\udcff": raise RecordError("invalid_utf8", f"{what} has bytes that are not UTF-8")
+    raise RecordError("lone_surrogate", f"{what} has an unpaired UTF-16 surrogate (\\u{ord(m.group()):04x}): not valid Unicode")
+
+def check_meta(x, what: str = "meta"):
+    "Extra fields kept in `meta` must be writable as UTF-8 too."
+    try: json.dumps(x, ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError as e: raise RecordError("invalid_utf8", f"{what} has text that is not valid UTF-8 ({e.reason})")
+    return x
 
 def check_text(x, what: str, max_chars: int) -> str:
     if x is None: raise RecordError("null_turn", f"{what} is null")
     if not isinstance(x, str): raise RecordError(f"wrong_type:{what}", f"expected a string, got {type(x).__name__}")
-    if _SURROGATE.search(x): raise RecordError("invalid_utf8", f"{what} has bytes that are not UTF-8")
+    _check_unicode(x, what)
     if len(x) > max_chars: raise RecordError("oversized_message", f"{what} has {len(x):,} characters > {max_chars:,}")
     return x
 
@@ -162,7 +174,7 @@ def check_id(x) -> str:
     if x is None: raise RecordError("missing_key:id", "id is null")
     if isinstance(x, bool) or not isinstance(x, (str, int)): raise RecordError("wrong_type:id", type(x).__name__)
     x = str(x)
-    if _SURROGATE.search(x): raise RecordError("invalid_utf8", "id")
+    _check_unicode(x, "id")
     return x
 
 # %% ../nbs/10_sources.ipynb #542357a3
@@ -436,6 +448,7 @@ def load_hc3(path, ledger: Ledger, source="hc3", max_records: int | None = None,
             if ans is None: raise RecordError("null_turn", "chatgpt_answers is null")
             if not isinstance(ans, list): raise RecordError("wrong_type:chatgpt_answers", type(ans).__name__)
             ans = [check_text(a, "chatgpt_answers", max_chars) for a in ans]
+            check_meta(rec.get("source"), "source")
         except RecordError as e:
             ledger.drop(source, "parse", e.reason, file=path, id=rid or e.id, where=it.where, detail=e.detail, error=True); continue
         if not ans:
@@ -460,6 +473,7 @@ def _load_hc3_csv(path, ledger, source, max_records, max_chars):
             ledger.drop(source, "parse", "human_answer", file=path, id=rid, where=it.where, detail=f"label {row.get('label')!r}"); continue
         try:
             q = check_text(row["question"], "question", max_chars); a = check_text(row["text"], "text", max_chars)
+            check_meta(row.get("source"), "source")
         except RecordError as e:
             ledger.drop(source, "parse", e.reason, file=path, id=rid, where=it.where, detail=e.detail, error=True); continue
         n += 1; ledger.accept(source, path)
@@ -502,13 +516,15 @@ def load_discord(path, ledger: Ledger, source="discord", max_records: int | None
             r = clean_discord_text(check_text(row["response"], "response", max_chars))
             turn = row.get("turn")
             turn = int(turn) if turn not in (None, "") else i
+            meta = check_meta({k: row.get(k) for k in ("timestamp", "guild", "channel", "bot", "conversation_id")
+                               if row.get(k) not in (None, "")}, "timestamp/guild/channel/bot/conversation_id")
+            meta.pop("conversation_id", None)
         except (RecordError, ValueError, TypeError) as e:
             reason = e.reason if isinstance(e, RecordError) else "wrong_type:turn"
             ledger.drop(source, "parse", reason, file=path, id=rid or getattr(e, "id", None), where=it.where,
                         detail=getattr(e, "detail", str(e)), error=True); continue
         n += 1; ledger.accept(source, path)
         cid = row.get("conversation_id") or rid
-        meta = {k: row.get(k) for k in ("timestamp", "guild", "channel", "bot") if row.get(k) not in (None, "")}
         groups.setdefault(str(cid), []).append((turn, i, rid, p, r, meta))
     for cid, rows in groups.items():
         rows.sort(key=lambda t: (t[0], t[1]))
@@ -532,10 +548,10 @@ def load_chat_jsonl(path, ledger: Ledger, source="chat", max_records: int | None
             rid = check_id(rec["id"]) if rec.get("id") is not None else f"{path.stem}-{_index(it.pos)}"
             if "messages" not in rec: raise RecordError("missing_key:messages")
             msgs = check_messages(rec["messages"], max_chars=max_chars)
+            meta = check_meta(rec["meta"]) if isinstance(rec.get("meta"), dict) else {}
         except RecordError as e:
             ledger.drop(source, "parse", e.reason, file=path, id=rid or e.id, where=it.where, detail=e.detail, error=True); continue
         n += 1; ledger.accept(source, path)
-        meta = rec.get("meta") if isinstance(rec.get("meta"), dict) else {}
         yield {"id": rid, "source": source, "messages": msgs, "meta": {"file": path.name, **meta, **it.pos}}
 
 LOADERS = {"sharegpt": load_sharegpt, "hc3": load_hc3, "discord": load_discord, "chat_jsonl": load_chat_jsonl}

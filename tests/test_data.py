@@ -250,7 +250,9 @@ def test_malformed_corpus(tmp_path):
              b'{"id": "c5", "messages": [{"role": "user", "con']                                  # truncated last line
     (tmp_path / "chat.jsonl").write_bytes(b"\n".join(lines))
     cfg = S.DataConfig(sharegpt=[str(tmp_path / "sharegpt.json")], chat_jsonl=[str(tmp_path / "chat.jsonl")], near_dup=False)
-    convs, led, infos, _ = S.build_conversations(cfg)
+    with pytest.warns(UserWarning, match="are malformed") as rec:     # most of each file is damaged: the stage says so
+        convs, led, infos, _ = S.build_conversations(cfg)
+    assert sorted(Path(i["file"]).name for i in infos if "malformed" in i.get("warning", "")) == ["chat.jsonl", "sharegpt.json"]
     assert sorted(c["id"] for c in convs) == ["c1", "good0", "good2", "good3", "good4", "good5"]
     sg = led.reasons("sharegpt", "parse")
     assert sg == {"missing_key:id": 1, "missing_key:conversations": 1, "wrong_type:conversations": 1,
@@ -484,6 +486,31 @@ def test_every_drop_traced_and_audit_adds_up(tmp_path, monkeypatch):
     assert [(x["where"], x["reason"]) for x in dropped if x["file"] == str(d / "hc3.csv")] == [("row 3", "human_answer")]
     s = json.loads((rd / "sources.json").read_text())
     assert s["dropped"] == len(dropped) and any("empty.json is empty" in w for w in s["warnings"])
+
+
+def test_text_that_is_not_unicode_is_a_named_error_not_a_crash(tmp_path):
+    """A JSON-escaped lone surrogate ("\\ud800") decodes to a str that UTF-8 cannot encode: it used to pass the checks
+    and crash `write_conversations` at the end of the stage. Now the record is dropped by name, as are extra fields
+    (chat `meta`, Discord `guild`/`conversation_id`) holding text that cannot be written."""
+    ok = {"role": "assistant", "content": "Fine, thanks for asking. How can I help you today?"}
+    (tmp_path / "chat.jsonl").write_text("\n".join([
+        json.dumps({"id": "good", "messages": [{"role": "user", "content": "Hello there, how are you doing today?"}, ok]}),
+        '{"id": "lone", "messages": [{"role": "user", "content": "broken emoji \\ud83d here"}, ' + json.dumps(ok) + "]}",
+        '{"id": "meta", "meta": {"note": "\\udc00"}, "messages": [{"role": "user", "content": "What is the capital of Peru?"}, '
+        + json.dumps(ok) + "]}"]) + "\n")
+    with open(tmp_path / "discord.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f); w.writerow(["id", "conversation_id", "guild", "prompt", "response"])
+        w.writerow(["d1", "c1", "GUILD", "/chat Name three primary colours please.", "Red, yellow and blue."])
+        w.writerow(["d2", "c2", "ok", "/chat What is the boiling point of water at sea level?", "100 degrees Celsius."])
+    (tmp_path / "discord.csv").write_bytes((tmp_path / "discord.csv").read_bytes().replace(b"GUILD", b"gu\xffild"))
+    with pytest.warns(UserWarning, match="2 of the 3 records of .*chat.jsonl are malformed"):
+        convs, led, _, _ = S.build_conversations(S.DataConfig(sharegpt=[], chat_jsonl=[str(tmp_path / "chat.jsonl")],
+                                                              discord=[str(tmp_path / "discord.csv")], near_dup=False))
+    assert sorted(c["id"] for c in convs) == ["discord-c2", "good"]
+    assert sorted((e["id"], e["reason"], e["where"]) for e in led.errors) == [
+        ("d1", "invalid_utf8", "row 2"), ("lone", "lone_surrogate", "line 2"), ("meta", "invalid_utf8", "line 3")]
+    back = S.read_conversations(S.write_conversations(convs, tmp_path / "c.parquet"))   # used to raise UnicodeEncodeError
+    assert [c["messages"] for c in back] == [c["messages"] for c in convs]
 
 
 def test_sources_stage_smoke(tmp_path, monkeypatch):
