@@ -11,14 +11,15 @@ from __future__ import annotations
 import codecs, collections, csv, dataclasses, hashlib, io, json, random, re, sys, time, warnings, zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional
 
 from .core import (register_section, project_root, data_dir, atomic_write_text, atomic_write_json,
                                to_json, file_sha256, stable_hash, StageRun, run_dir_for, load_profile, is_done)
 
 # %% auto #0
-__all__ = ['STEPS', 'LOADERS', 'ROLE_MAP', 'BROKEN_TURN', 'DataConfig', 'Ledger', 'RecordError', 'check_text', 'check_messages',
-           'check_id', 'iter_json_values', 'sharegpt_wheel_path', 'resolve_path', 'load_sharegpt', 'load_hc3',
+__all__ = ['STEPS', 'JSONL_SUFFIXES', 'LOADERS', 'ROLE_MAP', 'BROKEN_TURN', 'SOURCES_OUTPUTS', 'DataConfig', 'Ledger',
+           'RecordError', 'check_meta', 'check_text', 'check_messages', 'check_id', 'where_of', 'JsonItem',
+           'json_layout', 'iter_json_values', 'sharegpt_wheel_path', 'resolve_path', 'load_sharegpt', 'load_hc3',
            'clean_discord_text', 'load_discord', 'load_chat_jsonl', 'Drop', 'normalise_roles', 'looks_like_html',
            'html_to_markdown', 'clean_turns', 'fast_langid', 'conv_language', 'filter_language', 'query_key',
            'ExactDedup', 'shingles', 'NearDedup', 'build_conversations', 'write_conversations', 'read_conversations',
@@ -49,19 +50,48 @@ class DataConfig:
 # %% ../nbs/10_sources.ipynb #1628243d
 STEPS = ["parse", "roles", "html", "turns", "language", "dedup", "near_dup"]
 
+def _printable(x):
+    "A string that can be written as UTF-8 (a lone surrogate — an invalid input byte kept by `surrogateescape` — as `\\udcff`)."
+    return x.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(x, str) else x
+
 class Ledger:
-    "Counts per (source, step): records in/out, drops by reason, modifications; plus the list of malformed records."
+    """Counts per (source, step) and per input file: records in/out, drops by reason, modifications; every dropped
+    record or conversation named in `drops`, the malformed ones also in `errors`."""
     def __init__(self):
         self.n_in = collections.Counter(); self.n_out = collections.Counter()
         self.dropped = collections.defaultdict(collections.Counter)
         self.modified = collections.defaultdict(collections.Counter)
-        self.errors: list[dict] = []
+        self.errors: list[dict] = []     # malformed input → errors.jsonl
+        self.drops: list[dict] = []      # every record / conversation removed, and why → dropped.jsonl
+        self.files: dict[tuple, dict] = {}
 
-    def drop(self, source, step, reason, file=None, id=None, where=None, detail=None, error=False):
+    def file(self, source, file) -> dict:
+        "The counters of one input file (created on first use)."
+        k = (source, str(file) if file is not None else None)
+        if k not in self.files:
+            self.files[k] = {"source": source, "file": k[1], "layout": None, "records_in": 0, "records_ok": 0,
+                             "conversations": 0, "kept": 0, "record": collections.Counter(),
+                             "conversation": collections.Counter()}
+        return self.files[k]
+
+    def read(self, source, file):
+        "One record read from `file` (or one stretch of it that is not a record: it is then dropped)."
+        self.n_in[(source, "parse")] += 1; self.file(source, file)["records_in"] += 1
+
+    def accept(self, source, file):
+        "A record of `file` passed validation."
+        self.file(source, file)["records_ok"] += 1
+
+    def drop(self, source, step, reason, file=None, id=None, where=None, detail=None, error=False, unit="record"):
+        """Count and name one dropped `record` (by a loader) or `conversation` (after loading); `error=True` marks
+        malformed input, listed in `errors` too."""
+        if unit not in ("record", "conversation"): raise ValueError(f"unit must be record or conversation, not {unit!r}")
         self.dropped[(source, step)][reason] += 1
-        if error:
-            self.errors.append({"source": source, "step": step, "reason": reason, "file": str(file) if file else None,
-                                "id": id, "where": where, "detail": (str(detail)[:300] if detail is not None else None)})
+        e = {"source": source, "step": step, "reason": reason, "file": _printable(str(file)) if file else None,
+             "id": _printable(id), "where": where, "detail": (_printable(str(detail)[:300]) if detail not in (None, "") else None)}
+        if error: self.errors.append(e)
+        self.drops.append({**e, "unit": unit, "error": bool(error)})
+        self.file(source, file)[unit][f"{step}:{reason}"] += 1
 
     def modify(self, source, step, what, n=1): self.modified[(source, step)][what] += n
 
@@ -82,18 +112,46 @@ class Ledger:
                  "modified": fmt(self.modified[(s, st)])} for s, st in keys]
         return pd.DataFrame(rows, columns=["source", "step", "n_in", "n_dropped", "n_out", "dropped_by_reason", "modified"])
 
+    def file_audit(self) -> "pd.DataFrame":
+        """One row per input file: `records_in = records_dropped + records_ok`, `conversations =
+        conversations_dropped + kept` (`balanced`); `dropped_by_reason` as `step:reason=count; …`."""
+        import pandas as pd
+        fmt = lambda c: "; ".join(f"{k}={v}" for k, v in sorted(c.items(), key=lambda kv: (-kv[1], kv[0])))
+        cols = ["source", "file", "layout", "records_in", "records_dropped", "records_ok", "conversations",
+                "conversations_dropped", "kept", "balanced", "dropped_by_reason"]
+        rows = []
+        for f in self.files.values():
+            rd, cd = sum(f["record"].values()), sum(f["conversation"].values())
+            rows.append({**{k: f[k] for k in ("source", "file", "layout", "records_in", "records_ok", "conversations", "kept")},
+                         "records_dropped": rd, "conversations_dropped": cd,
+                         "balanced": f["records_in"] == rd + f["records_ok"] and f["conversations"] == cd + f["kept"],
+                         "dropped_by_reason": fmt(f["record"] + f["conversation"])})
+        return pd.DataFrame(rows, columns=cols)
+
 # %% ../nbs/10_sources.ipynb #e61cae57
 class RecordError(ValueError):
     "A malformed record; `reason` is a short name (e.g. `missing_key:conversations`) counted in the audit."
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason); self.reason, self.detail = reason, detail
+    def __init__(self, reason: str, detail: str = "", id: str | None = None):
+        super().__init__(f"{reason}: {detail}" if detail else reason); self.reason, self.detail, self.id = reason, detail, id
 
-_SURROGATE = re.compile(r"[\udc80-\udcff]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+def _check_unicode(x: str, what: str):
+    "An invalid input byte (kept as U+DC80–U+DCFF by `surrogateescape`) or a JSON-escaped lone surrogate (`\\ud800`)."
+    if (m := _SURROGATE.search(x)) is None: return
+    if "\udc80" <= m.group() <= "\udcff": raise RecordError("invalid_utf8", f"{what} has bytes that are not UTF-8")
+    raise RecordError("lone_surrogate", f"{what} has an unpaired UTF-16 surrogate (\\u{ord(m.group()):04x}): not valid Unicode")
+
+def check_meta(x, what: str = "meta"):
+    "Extra fields kept in `meta` must be writable as UTF-8 too."
+    try: json.dumps(x, ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError as e: raise RecordError("invalid_utf8", f"{what} has text that is not valid UTF-8 ({e.reason})")
+    return x
 
 def check_text(x, what: str, max_chars: int) -> str:
     if x is None: raise RecordError("null_turn", f"{what} is null")
     if not isinstance(x, str): raise RecordError(f"wrong_type:{what}", f"expected a string, got {type(x).__name__}")
-    if _SURROGATE.search(x): raise RecordError("invalid_utf8", f"{what} has bytes that are not UTF-8")
+    _check_unicode(x, what)
     if len(x) > max_chars: raise RecordError("oversized_message", f"{what} has {len(x):,} characters > {max_chars:,}")
     return x
 
@@ -116,38 +174,124 @@ def check_id(x) -> str:
     if x is None: raise RecordError("missing_key:id", "id is null")
     if isinstance(x, bool) or not isinstance(x, (str, int)): raise RecordError("wrong_type:id", type(x).__name__)
     x = str(x)
-    if _SURROGATE.search(x): raise RecordError("invalid_utf8", "id")
+    _check_unicode(x, "id")
     return x
 
 # %% ../nbs/10_sources.ipynb #542357a3
 _WS = re.compile(r"[\s,]*")
 _ID_RE = re.compile(r'"id"\s*:\s*"([^"]{0,200})"')
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
-def iter_json_values(path, on_error: Callable[[str, dict], None] | None = None, chunk_chars: int = 1 << 22,
-                     expect_key: str | None = None, max_resync_chars: int = 64 << 20) -> Iterator[tuple[int, Any]]:
-    """Yield `(char_offset, value)` for each top-level value of a JSON array / JSONL / concatenated-JSON file,
-    streaming. Errors go to `on_error(reason, info)` (`truncated_record`, `json_syntax`); never raises on content."""
+def where_of(pos: dict) -> str:
+    """A record's position with its unit: `line 7` (1-based), `char 1234 (line 40)` (0-based character offset in
+    a JSON array file, and its line), `row 5` (CSV record, header = row 1), `lines 2, 3` / `rows 2, 3` (the rows
+    of one Discord thread, unit in `rows_unit`), or `file` (the whole file)."""
+    if pos.get("offset") is not None:
+        return f"char {pos['offset']}" + (f" (line {pos['line']})" if pos.get("line") is not None else "")
+    if pos.get("line") is not None: return f"line {pos['line']}"
+    if pos.get("row") is not None: return f"row {pos['row']}"
+    if pos.get("rows"): return f"{pos.get('rows_unit', 'row')}s " + ", ".join(str(r) for r in pos["rows"])
+    return "file"
+
+class JsonItem(NamedTuple):
+    "One record read from a source file — `pos` and `value` — or, with `error`, one stretch of it that is not a record."
+    pos: dict
+    value: Any = None
+    error: Optional[RecordError] = None
+    @property
+    def where(self) -> str: return where_of(self.pos)
+
+def _first_byte(path) -> bytes:
+    "The first byte of `path` that is not whitespace (a UTF-8 BOM skipped); `b''` when there is none."
+    with open(path, "rb") as f:
+        b = f.read(1 << 16)
+        if b.startswith(codecs.BOM_UTF8): b = b[3:]
+        while b:
+            if s := b.lstrip(): return s[:1]
+            b = f.read(1 << 20)
+    return b""
+
+def json_layout(path, max_line_bytes: int = 64 << 20) -> str:
+    """`"array"` if the first non-space character of `path` is `[`, else `"jsonl"`; `"empty"` if it holds only
+    whitespace. A `.jsonl`/`.ndjson` file starting with `[` is `"jsonl"` when its first line is a complete JSON
+    value and more lines follow."""
+    c = _first_byte(path)
+    if not c: return "empty"
+    if c != b"[": return "jsonl"
+    if Path(path).suffix.lower() not in JSONL_SUFFIXES: return "array"
+    def nonblank(f):
+        line = f.readline(max_line_bytes)
+        while line and not line.strip(): line = f.readline(max_line_bytes)
+        return line
+    with open(path, "rb") as f:
+        first = nonblank(f)
+        if not first.endswith(b"\n"): return "array"        # a one-line file, or a first line beyond the limit
+        try: json.loads(first.decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError): return "array"
+        return "jsonl" if nonblank(f) else "array"
+
+def _id_in(text: str) -> str | None:
+    m = _ID_RE.search(text[:5000]); return m.group(1) if m else None
+
+# %% ../nbs/10_sources.ipynb #6b0d9e41
+def _jsonl_items(path) -> Iterator[JsonItem]:
+    "One item per non-blank line of a JSONL file (1-based line numbers); each line is decoded on its own."
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            if i == 1 and raw.startswith(codecs.BOM_UTF8): raw = raw[3:]
+            if not raw.strip(): continue
+            pos = {"line": i}
+            try: line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield JsonItem(pos, error=RecordError("invalid_utf8", f"{e.reason} at byte offset {e.start} of the line",
+                                                      id=_id_in(raw.decode("utf-8", "replace"))))
+                continue
+            try: val = json.loads(line)
+            except json.JSONDecodeError as e:
+                cut = not raw.endswith(b"\n") and (e.msg.startswith("Unterminated string") or e.pos >= len(line.rstrip()) - 1)
+                yield JsonItem(pos, error=RecordError("truncated_record" if cut else "json_syntax",
+                                                      f"{e.msg} at column {e.colno}" + ("; the file ends inside this line" if cut else ""),
+                                                      id=_id_in(line)))
+                continue
+            yield JsonItem(pos, val)
+
+def _array_items(path, chunk_chars: int = 1 << 22, expect_key: str | None = None,
+                 max_resync_chars: int = 64 << 20) -> Iterator[JsonItem]:
+    "The values of a JSON array (or of concatenated JSON values), streamed through a sliding text buffer."
     dec = json.JSONDecoder()
-    on_error = on_error or (lambda r, i: None)
     udec = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
     with open(path, "rb") as f:
         buf, base, pos, eof = "", 0, 0, False    # base = char offset of buf[0] in the file
+        nl_base, lc, lc_pos = 0, 0, 0            # newlines before buf[0]; newlines in buf[:lc_pos]
+        def line_at(p):                          # 1-based line of buffer index p (asked in increasing order)
+            nonlocal lc, lc_pos
+            lc += buf.count("\n", lc_pos, p); lc_pos = p
+            return nl_base + lc + 1
+        def at(p): return {"offset": base + p, "line": line_at(p)}
+        def trim():                              # drop the processed prefix buf[:pos]
+            nonlocal buf, base, pos, nl_base, lc, lc_pos
+            if pos > 0:
+                line_at(pos); nl_base += lc; lc = lc_pos = 0
+                buf, base, pos = buf[pos:], base + pos, 0
         def more(n):
-            nonlocal buf, eof, base, pos
-            if pos > 0: buf, base, pos = buf[pos:], base + pos, 0
+            nonlocal buf, eof
+            trim()
             b = f.read(n)
             if not b: eof = True; buf += udec.decode(b"", final=True); return False
             buf += udec.decode(b); return True
         more(chunk_chars)
-        m = _WS.match(buf, 0); pos = m.end()
-        if buf[pos:pos + 1] == "[": pos += 1
-        want = chunk_chars
+        if buf.startswith("\ufeff"): pos = 1
+        pos = _WS.match(buf, pos).end()
+        opened = buf[pos:pos + 1] == "["
+        if opened: pos += 1
+        want, closed, stopped, n = chunk_chars, False, False, 0
         while True:
             pos = _WS.match(buf, pos).end()
             if pos >= len(buf):
                 if eof or not more(chunk_chars): break
                 continue
             if buf[pos] == "]":
+                closed = True
                 rest = buf[pos + 1:].strip()
                 if not rest and (eof or not more(chunk_chars)):
                     break
@@ -160,13 +304,11 @@ def iter_json_values(path, on_error: Callable[[str, dict], None] | None = None, 
                     more(max(want, len(buf) - pos)); want = max(want, len(buf) - pos); continue
                 if incomplete:   # end of file inside a value: the file was cut here
                     frag = buf[pos:]
-                    mid = _ID_RE.search(frag[:5000])
-                    on_error("truncated_record", {"where": f"char {base + pos}", "id": mid.group(1) if mid else None,
-                             "detail": f"{len(frag):,} characters after the last complete record ({e.msg})"})
-                    break
+                    yield JsonItem(at(pos), error=RecordError(
+                        "truncated_record", f"{len(frag):,} characters after the last complete record ({e.msg})", id=_id_in(frag)))
+                    stopped = True; break
                 # a real syntax error inside the file: resynchronise at the next record start
-                err_at = base + pos
-                mid = _ID_RE.search(buf[pos:pos + 5000])
+                here, bad_at, mid = at(pos), base + e.pos, _id_in(buf[pos:pos + 5000])
                 found = False
                 rel = max(e.pos, pos + 1) - pos          # search offset relative to the broken record
                 while not found:
@@ -184,13 +326,32 @@ def iter_json_values(path, on_error: Callable[[str, dict], None] | None = None, 
                     if eof or len(buf) - pos > max_resync_chars: break
                     rel = retry if retry is not None else max(rel, len(buf) - pos - 256)
                     if not more(max(chunk_chars, len(buf) - pos)): break
-                on_error("json_syntax", {"where": f"char {err_at}", "id": mid.group(1) if mid else None,
-                                         "detail": f"{e.msg}; skipped to {'char ' + str(base + start) if found else 'end of file'}"})
-                if not found: break
+                yield JsonItem(here, error=RecordError("json_syntax", f"{e.msg} at char {bad_at}; reading resumed at "
+                                                       f"{'char ' + str(base + start) if found else 'end of file (nothing after it was read)'}", id=mid))
+                if not found: stopped = True; break
                 pos = start; continue
-            yield base + pos, val
+            yield JsonItem(at(pos), val); n += 1
             pos = end; want = chunk_chars
-            if pos > chunk_chars: buf, base, pos = buf[pos:], base + pos, 0
+            if pos > chunk_chars: trim()
+        if opened and not closed and not stopped:
+            yield JsonItem(at(len(buf)), error=RecordError(
+                "unterminated_array", f"the file ends after {n:,} records without the closing ']': it was probably cut between two records"))
+
+def iter_json_values(path, layout: str | None = None, chunk_chars: int = 1 << 22, expect_key: str | None = None,
+                     max_resync_chars: int = 64 << 20) -> Iterator[JsonItem]:
+    """Stream the records of a JSON array or JSONL file (`layout`: from `json_layout` unless given) as `JsonItem`s.
+    Never raises on content: what is not a record comes as an item with `error` (`json_syntax`, `truncated_record`,
+    `invalid_utf8`, `unterminated_array`, or `empty_file` when the file holds no record at all)."""
+    path = Path(path); layout = layout or json_layout(path)
+    if layout not in ("array", "jsonl", "empty"): raise ValueError(f"layout must be array, jsonl or empty, not {layout!r}")
+    n = 0
+    if layout != "empty":
+        items = _array_items(path, chunk_chars, expect_key, max_resync_chars) if layout == "array" else _jsonl_items(path)
+        for item in items: n += 1; yield item
+    if n == 0:
+        size = path.stat().st_size
+        yield JsonItem({}, error=RecordError("empty_file", "0 bytes" if size == 0 else "an empty JSON array"
+                                             if layout == "array" else f"only whitespace ({size:,} bytes)"))
 
 # %% ../nbs/10_sources.ipynb #178e3f93
 def sharegpt_wheel_path() -> Path:
@@ -209,62 +370,62 @@ def resolve_path(p) -> Path:
     p = Path(p).expanduser()
     return p if p.is_absolute() else project_root() / p
 
-def _errfn(ledger, source, file):
-    return lambda reason, info: ledger.drop(source, "parse", reason, file=file, id=info.get("id"),
-                                            where=info.get("where"), detail=info.get("detail"), error=True)
+def _csv_items(path, required=()) -> Iterator[JsonItem]:
+    "Rows of a CSV file as `JsonItem`s (`row` 2 = the first row after the header); no data rows → `empty_file`."
+    path = Path(path)
+    if not _first_byte(path):
+        size = path.stat().st_size
+        yield JsonItem({}, error=RecordError("empty_file", "0 bytes" if size == 0 else f"only whitespace ({size:,} bytes)")); return
+    with open(path, "r", encoding="utf-8", errors="surrogateescape", newline="") as f:
+        rd = csv.DictReader(f)
+        missing = sorted(set(required) - set(rd.fieldnames or []))
+        if missing:
+            yield JsonItem({"row": 1}, error=RecordError(f"missing_key:{missing[0]}", f"header columns {rd.fieldnames}")); return
+        n = 0
+        for i, row in enumerate(rd, 2): n += 1; yield JsonItem({"row": i}, row)
+    if n == 0: yield JsonItem({}, error=RecordError("empty_file", "a header row and no data rows"))
+
+def _source_items(path, ledger, source, expect_key=None, required=()) -> Iterator[JsonItem]:
+    "The records of a source file: CSV rows (`.csv`) or JSON values (`iter_json_values`); its layout noted in the ledger."
+    if path.suffix.lower() == ".csv":
+        ledger.file(source, path)["layout"] = "csv"; return _csv_items(path, required)
+    layout = ledger.file(source, path)["layout"] = json_layout(path)
+    return iter_json_values(path, layout=layout, expect_key=expect_key)
+
+def _index(pos: dict):
+    "The number locating a record in its file: CSV row, character offset (array) or line (JSONL)."
+    return pos["row"] if "row" in pos else pos["offset"] if "offset" in pos else pos.get("line")
 
 def load_sharegpt(path, ledger: Ledger, source="sharegpt", max_records: int | None = None,
                   max_chars: int = 400_000, info: dict | None = None) -> Iterator[dict]:
-    """ShareGPT JSON (`[{"id", "conversations": [{"from", "value"}]}]`, or JSONL of such records), streamed.
-    `info` (a dict) receives the file's counts and what was cut."""
+    """ShareGPT JSON (`[{"id", "conversations": [{"from", "value"}]}]`, or JSONL of such records — by content, see
+    `json_layout`), streamed. `info` (a dict) receives the file's counts and what was cut."""
     path = resolve_path(path); info = info if info is not None else {}
-    info.update(file=str(path), bytes=path.stat().st_size, records_read=0, complete=0)
-    err = _errfn(ledger, source, path)
-    def on_err(reason, i):
-        err(reason, i)
-        if reason == "truncated_record": info["truncated"] = i
+    items = _source_items(path, ledger, source, expect_key="conversations")
+    info.update(file=str(path), bytes=path.stat().st_size, layout=ledger.file(source, path)["layout"],
+                records_read=0, complete=0)
     n = 0
-    for off, rec in iter_json_values(path, on_err, expect_key="conversations"):
+    for it in items:
         if max_records and n >= max_records: info["capped_at"] = max_records; break
         n += 1; info["records_read"] = n
-        ledger.n_in[(source, "parse")] += 1
-        rid = rec.get("id") if isinstance(rec, dict) else None
+        ledger.read(source, path)
+        rec, rid = it.value, None
         try:
+            if it.error: raise it.error
             if not isinstance(rec, dict): raise RecordError("wrong_type:record", f"top-level {type(rec).__name__}")
+            rid = rec.get("id")
             if "id" not in rec: raise RecordError("missing_key:id")
             rid = check_id(rec["id"])
             if "conversations" not in rec: raise RecordError("missing_key:conversations")
             msgs = check_messages(rec["conversations"], "from", "value", max_chars, "conversations")
         except RecordError as e:
-            ledger.drop(source, "parse", e.reason, file=path, id=rid if isinstance(rid, str) else None,
-                        where=f"char {off}", detail=e.detail, error=True); continue
-        info["complete"] += 1
-        yield {"id": rid, "source": source, "messages": msgs, "meta": {"file": path.name, "offset": off}}
+            rid = rid if isinstance(rid, str) else e.id
+            if e.reason == "truncated_record": info["truncated"] = {"where": it.where, "id": rid, "detail": e.detail}
+            ledger.drop(source, "parse", e.reason, file=path, id=rid, where=it.where, detail=e.detail, error=True); continue
+        ledger.accept(source, path); info["complete"] += 1
+        yield {"id": rid, "source": source, "messages": msgs, "meta": {"file": path.name, **it.pos}}
 
 # %% ../nbs/10_sources.ipynb #76e3e5b7
-def _iter_jsonl(path, ledger, source) -> Iterator[tuple[int, Any]]:
-    "Lines of a JSONL file as `(line_no, value)`; invalid UTF-8 / JSON lines become errors (a cut last line: `truncated_record`)."
-    path = Path(path)
-    with open(path, "rb") as f:
-        prev = None
-        for i, raw in enumerate(f, 1):
-            if prev is not None: yield from _decode_line(path, ledger, source, *prev, last=False)
-            prev = (i, raw)
-        if prev is not None: yield from _decode_line(path, ledger, source, *prev, last=True)
-
-def _decode_line(path, ledger, source, i, raw, last):
-    if not raw.strip(): return
-    ledger.n_in[(source, "parse")] += 1
-    try: line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        ledger.drop(source, "parse", "invalid_utf8", file=path, where=f"line {i}", detail=str(e), error=True); return
-    try: yield i, json.loads(line)
-    except json.JSONDecodeError as e:
-        reason = "truncated_record" if last and not raw.endswith(b"\n") else "json_syntax"
-        mid = _ID_RE.search(line[:5000])
-        ledger.drop(source, "parse", reason, file=path, id=mid.group(1) if mid else None, where=f"line {i}",
-                    detail=e.msg, error=True)
-
 def load_hc3(path, ledger: Ledger, source="hc3", max_records: int | None = None, max_chars: int = 400_000) -> Iterator[dict]:
     """HC3 English: JSONL rows `{"question", "human_answers": [...], "chatgpt_answers": [...], "source"}` → one
     single-turn conversation per ChatGPT answer (the paper used ChatGPT answers only). A `.csv` path is read as
@@ -272,12 +433,14 @@ def load_hc3(path, ledger: Ledger, source="hc3", max_records: int | None = None,
     path = resolve_path(path)
     if path.suffix.lower() == ".csv": yield from _load_hc3_csv(path, ledger, source, max_records, max_chars); return
     n = 0
-    for i, rec in _iter_jsonl(path, ledger, source):
+    for it in _source_items(path, ledger, source, expect_key="question"):
         if max_records and n >= max_records: break
-        rid = None
+        ledger.read(source, path)
+        rec, rid = it.value, None
         try:
+            if it.error: raise it.error
             if not isinstance(rec, dict): raise RecordError("wrong_type:record", type(rec).__name__)
-            rid = check_id(rec["id"]) if rec.get("id") is not None else f"{path.stem}-{i}"
+            rid = check_id(rec["id"]) if rec.get("id") is not None else f"{path.stem}-{_index(it.pos)}"
             for k in ("question", "chatgpt_answers"):
                 if k not in rec: raise RecordError(f"missing_key:{k}")
             q = check_text(rec["question"], "question", max_chars)
@@ -285,38 +448,40 @@ def load_hc3(path, ledger: Ledger, source="hc3", max_records: int | None = None,
             if ans is None: raise RecordError("null_turn", "chatgpt_answers is null")
             if not isinstance(ans, list): raise RecordError("wrong_type:chatgpt_answers", type(ans).__name__)
             ans = [check_text(a, "chatgpt_answers", max_chars) for a in ans]
+            check_meta(rec.get("source"), "source")
         except RecordError as e:
-            ledger.drop(source, "parse", e.reason, file=path, id=rid, where=f"line {i}", detail=e.detail, error=True); continue
-        if not ans: ledger.drop(source, "parse", "no_chatgpt_answer"); continue
-        n += 1
+            ledger.drop(source, "parse", e.reason, file=path, id=rid or e.id, where=it.where, detail=e.detail, error=True); continue
+        if not ans:
+            ledger.drop(source, "parse", "no_chatgpt_answer", file=path, id=rid, where=it.where, detail="chatgpt_answers is []"); continue
+        n += 1; ledger.accept(source, path)
         for k, a in enumerate(ans):
             yield {"id": f"hc3-{rid}-{k}", "source": source,
                    "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-                   "meta": {"file": path.name, "line": i, "hc3_source": rec.get("source"),
+                   "meta": {"file": path.name, **it.pos, "hc3_source": rec.get("source"),
                             "n_human_answers": len(rec.get("human_answers") or [])}}
 
 def _load_hc3_csv(path, ledger, source, max_records, max_chars):
     n = 0
-    with open(path, "r", encoding="utf-8", errors="surrogateescape", newline="") as f:
-        rd = csv.DictReader(f)
-        missing = {"text", "question", "label"} - set(rd.fieldnames or [])
-        if missing:
-            ledger.drop(source, "parse", f"missing_key:{sorted(missing)[0]}", file=path, where="header",
-                        detail=f"columns {rd.fieldnames}", error=True); return
-        for i, row in enumerate(rd, 2):
-            if max_records and n >= max_records: break
-            ledger.n_in[(source, "parse")] += 1
-            if (row.get("label") or "").strip() != "ai": ledger.drop(source, "parse", "human_answer"); continue
-            try:
-                q = check_text(row["question"], "question", max_chars); a = check_text(row["text"], "text", max_chars)
-            except RecordError as e:
-                ledger.drop(source, "parse", e.reason, file=path, id=f"row-{i}", where=f"row {i}", detail=e.detail, error=True); continue
-            n += 1
-            # the sample collapsed whitespace and kept some literal "\n" sequences: restore them as newlines
-            a = a.replace("\\n", "\n")
-            yield {"id": f"hc3csv-{i}", "source": source,
-                   "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
-                   "meta": {"file": path.name, "row": i, "hc3_source": row.get("source")}}
+    for it in _source_items(path, ledger, source, required=("text", "question", "label")):
+        if max_records and n >= max_records: break
+        ledger.read(source, path)
+        row, i = it.value, it.pos.get("row")
+        rid = f"hc3csv-{i}" if i is not None and not it.error else None
+        if it.error:
+            ledger.drop(source, "parse", it.error.reason, file=path, where=it.where, detail=it.error.detail, error=True); continue
+        if (row.get("label") or "").strip() != "ai":   # the paper kept ChatGPT answers only
+            ledger.drop(source, "parse", "human_answer", file=path, id=rid, where=it.where, detail=f"label {row.get('label')!r}"); continue
+        try:
+            q = check_text(row["question"], "question", max_chars); a = check_text(row["text"], "text", max_chars)
+            check_meta(row.get("source"), "source")
+        except RecordError as e:
+            ledger.drop(source, "parse", e.reason, file=path, id=rid, where=it.where, detail=e.detail, error=True); continue
+        n += 1; ledger.accept(source, path)
+        # the sample collapsed whitespace and kept some literal "\n" sequences: restore them as newlines
+        a = a.replace("\\n", "\n")
+        yield {"id": rid, "source": source,
+               "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+               "meta": {"file": path.name, "row": i, "hc3_source": row.get("source")}}
 
 # %% ../nbs/10_sources.ipynb #a0aed2ac
 _MENTION = re.compile(r"<@[!&]?\d+>")
@@ -330,23 +495,19 @@ def clean_discord_text(s: str, prompt: bool = False) -> str:
     if prompt: s = _COMMAND.sub("", s, count=1)
     return re.sub(r"[ \t]{2,}", " ", s).strip()
 
-def _iter_rows(path, ledger, source):
-    if path.suffix.lower() == ".csv":
-        with open(path, "r", encoding="utf-8", errors="surrogateescape", newline="") as f:
-            for i, row in enumerate(csv.DictReader(f), 2):
-                ledger.n_in[(source, "parse")] += 1
-                yield i, row
-    else: yield from _iter_jsonl(path, ledger, source)
-
 def load_discord(path, ledger: Ledger, source="discord", max_records: int | None = None, max_chars: int = 400_000) -> Iterator[dict]:
     "Discord-bot export (format above) → conversations; rows sharing `conversation_id` are joined in `turn` order."
     path = resolve_path(path)
     groups: dict[str, list] = {}
     n = 0
-    for i, row in _iter_rows(path, ledger, source):
+    items = _source_items(path, ledger, source, expect_key="prompt")
+    unit = {"csv": "row", "array": "char"}.get(ledger.file(source, path)["layout"], "line")
+    for it in items:
         if max_records and n >= max_records: break
-        rid = None
+        ledger.read(source, path)
+        row, i, rid = it.value, _index(it.pos), None
         try:
+            if it.error: raise it.error
             if not isinstance(row, dict): raise RecordError("wrong_type:record", type(row).__name__)
             rid = check_id(row["id"]) if row.get("id") not in (None, "") else f"{path.stem}-{i}"
             for k in ("prompt", "response"):
@@ -355,45 +516,51 @@ def load_discord(path, ledger: Ledger, source="discord", max_records: int | None
             r = clean_discord_text(check_text(row["response"], "response", max_chars))
             turn = row.get("turn")
             turn = int(turn) if turn not in (None, "") else i
+            meta = check_meta({k: row.get(k) for k in ("timestamp", "guild", "channel", "bot", "conversation_id")
+                               if row.get(k) not in (None, "")}, "timestamp/guild/channel/bot/conversation_id")
+            meta.pop("conversation_id", None)
         except (RecordError, ValueError, TypeError) as e:
             reason = e.reason if isinstance(e, RecordError) else "wrong_type:turn"
-            ledger.drop(source, "parse", reason, file=path, id=rid, where=f"row {i}",
+            ledger.drop(source, "parse", reason, file=path, id=rid or getattr(e, "id", None), where=it.where,
                         detail=getattr(e, "detail", str(e)), error=True); continue
-        n += 1
+        n += 1; ledger.accept(source, path)
         cid = row.get("conversation_id") or rid
-        meta = {k: row.get(k) for k in ("timestamp", "guild", "channel", "bot") if row.get(k) not in (None, "")}
         groups.setdefault(str(cid), []).append((turn, i, rid, p, r, meta))
     for cid, rows in groups.items():
         rows.sort(key=lambda t: (t[0], t[1]))
         msgs = []
         for _, _, _, p, r, _ in rows: msgs += [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
         yield {"id": f"discord-{cid}", "source": source, "messages": msgs,
-               "meta": {"file": path.name, "rows": [t[1] for t in rows], "message_ids": [t[2] for t in rows], **rows[0][5]}}
+               "meta": {"file": path.name, "rows": [t[1] for t in rows], "rows_unit": unit,
+                        "message_ids": [t[2] for t in rows], **rows[0][5]}}
 
 # %% ../nbs/10_sources.ipynb #99e099be
 def load_chat_jsonl(path, ledger: Ledger, source="chat", max_records: int | None = None, max_chars: int = 400_000) -> Iterator[dict]:
     "Generic OpenAI-format chat JSONL: `{\"id\"?, \"messages\": [{\"role\", \"content\"}], \"source\"?, \"meta\"?}` per line."
     path = resolve_path(path); n = 0
-    for i, rec in _iter_jsonl(path, ledger, source):
+    for it in _source_items(path, ledger, source, expect_key="messages"):
         if max_records and n >= max_records: break
-        rid = None
+        ledger.read(source, path)
+        rec, rid = it.value, None
         try:
+            if it.error: raise it.error
             if not isinstance(rec, dict): raise RecordError("wrong_type:record", type(rec).__name__)
-            rid = check_id(rec["id"]) if rec.get("id") is not None else f"{path.stem}-{i}"
+            rid = check_id(rec["id"]) if rec.get("id") is not None else f"{path.stem}-{_index(it.pos)}"
             if "messages" not in rec: raise RecordError("missing_key:messages")
             msgs = check_messages(rec["messages"], max_chars=max_chars)
+            meta = check_meta(rec["meta"]) if isinstance(rec.get("meta"), dict) else {}
         except RecordError as e:
-            ledger.drop(source, "parse", e.reason, file=path, id=rid, where=f"line {i}", detail=e.detail, error=True); continue
-        n += 1
-        meta = rec.get("meta") if isinstance(rec.get("meta"), dict) else {}
-        yield {"id": rid, "source": source, "messages": msgs, "meta": {"file": path.name, "line": i, **meta}}
+            ledger.drop(source, "parse", e.reason, file=path, id=rid or e.id, where=it.where, detail=e.detail, error=True); continue
+        n += 1; ledger.accept(source, path)
+        yield {"id": rid, "source": source, "messages": msgs, "meta": {"file": path.name, **meta, **it.pos}}
 
 LOADERS = {"sharegpt": load_sharegpt, "hc3": load_hc3, "discord": load_discord, "chat_jsonl": load_chat_jsonl}
 
 # %% ../nbs/10_sources.ipynb #a8af7dd6
 class Drop(Exception):
-    "Raised by a cleaning step to remove a conversation; `reason` is counted in the audit."
-    def __init__(self, reason: str): super().__init__(reason); self.reason = reason
+    "Raised by a cleaning step to remove a conversation; `reason` is counted in the audit, `detail` names what was seen."
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason); self.reason, self.detail = reason, detail
 
 ROLE_MAP = {"human": "user", "user": "user", "prompter": "user", "question": "user",
             "gpt": "assistant", "chatgpt": "assistant", "assistant": "assistant", "bing": "assistant",
@@ -407,7 +574,7 @@ def normalise_roles(conv: dict, mods: Callable | None = None) -> dict:
     msgs = []
     for m in conv["messages"]:
         r = ROLE_MAP.get(m["role"].strip().lower())
-        if r is None: raise Drop("unknown_role")
+        if r is None: raise Drop("unknown_role", f"role {m['role']!r}")
         if r != m["role"]: mods("role_renamed")
         if r == "system" and msgs: r = "user"; mods("system_in_middle_as_user")
         if msgs and msgs[-1]["role"] == r:
@@ -457,7 +624,7 @@ def clean_turns(conv: dict, mods: Callable | None = None) -> dict:
         if not m["content"] or BROKEN_TURN.match(m["content"]):
             mods("cut_at_broken_turn" if m["content"] else "cut_at_empty_turn")
             if i <= 2 and m["content"] and m["role"] == "assistant" and not any(x["role"] == "assistant" for x in msgs[:i]):
-                raise Drop("broken_turn")
+                raise Drop("broken_turn", f"turn {i}: {m['content'][:80]!r}")
             msgs = msgs[:i]; break
     while msgs and msgs[-1]["role"] != "assistant": msgs.pop(); mods("trailing_turn_removed")
     users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
@@ -492,7 +659,7 @@ def conv_language(conv: dict, min_letters: int = 20, chars: int = 1000) -> str |
 
 def filter_language(conv: dict, languages=("en",), min_letters: int = 20) -> dict:
     lang = conv_language(conv, min_letters)
-    if lang is not None and lang not in languages: raise Drop("non_english" if list(languages) == ["en"] else "language")
+    if lang is not None and lang not in languages: raise Drop("non_english" if list(languages) == ["en"] else "language", f"detected {lang!r}")
     return {**conv, "meta": {**conv["meta"], "lang": lang}}
 
 # %% ../nbs/10_sources.ipynb #4715b011
@@ -505,7 +672,7 @@ class ExactDedup:
     def __init__(self): self.seen: dict[str, str] = {}
     def __call__(self, conv):
         k = query_key(conv)
-        if k in self.seen: raise Drop("duplicate_query")
+        if k in self.seen: raise Drop("duplicate_query", f"same first query as {self.seen[k]}")
         self.seen[k] = conv["id"]; return conv
 
 _WORD = re.compile(r"\w+", re.U)
@@ -520,7 +687,7 @@ class NearDedup:
     def __init__(self, threshold=0.8, num_perm=64, n=3, chars=2000, seed=1):
         from datasketch import MinHash, MinHashLSH
         self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-        self.num_perm, self.n, self.chars, self.seed, self.i = num_perm, n, chars, seed, 0
+        self.num_perm, self.n, self.chars, self.seed, self.ids = num_perm, n, chars, seed, []
         proto = MinHash(num_perm=num_perm, seed=seed)
         self.perm, self.scheme = proto.permutations, proto.scheme   # generated once, not per document
     def text(self, conv):
@@ -532,8 +699,8 @@ class NearDedup:
         mh = MinHash(num_perm=self.num_perm, seed=self.seed, hashfunc=zlib.crc32, permutations=self.perm,
                      scheme=self.scheme)
         mh.update_batch(sh)
-        if self.lsh.query(mh): raise Drop("near_duplicate")
-        self.lsh.insert(f"{self.i}", mh); self.i += 1
+        if (hits := self.lsh.query(mh)): raise Drop("near_duplicate", "like " + ", ".join(sorted(str(self.ids[int(h)]) for h in hits)[:3]))
+        self.lsh.insert(f"{len(self.ids)}", mh); self.ids.append(conv.get("id"))
         return conv
 
 # %% ../nbs/10_sources.ipynb #84719804
@@ -543,10 +710,24 @@ def _sources_of(cfg: DataConfig) -> list[tuple[str, str, Callable]]:
         for p in getattr(cfg, kind): out.append((kind, p, LOADERS[kind]))
     return out
 
+def _file_warning(led: Ledger, kind: str, path: Path) -> str | None:
+    "A warning for a file that gave nothing usable (empty, unreadable) or whose records are mostly malformed."
+    fs = led.file("chat" if kind == "chat_jsonl" else kind, path)
+    errs = [e for e in led.errors if e["file"] == str(path) and e["step"] == "parse" and e["reason"] != "duplicate_id"]
+    empty = next((e for e in errs if e["reason"] == "empty_file"), None)
+    if empty: return f"data.{kind}: {path} is empty ({empty['detail']}): it contributes nothing"
+    if fs["conversations"] == 0:
+        why = "; ".join(f"{k}={v}" for k, v in fs["record"].most_common(5))
+        return f"data.{kind}: no conversation could be read from {path} ({fs['records_in']:,} records: {why}); see dropped.jsonl"
+    if len(errs) > 0.5 * fs["records_in"]:
+        why = "; ".join(f"{k}={v}" for k, v in collections.Counter(e["reason"] for e in errs).most_common(5))
+        return f"data.{kind}: {len(errs):,} of the {fs['records_in']:,} records of {path} are malformed ({why}); see errors.jsonl"
+    return None
+
 def build_conversations(cfg: DataConfig, seed: int = 0, progress: bool = False):
     "Load and clean every configured source. Returns `(conversations, ledger, file_infos, raw_query_sample)`."
     led = Ledger(); infos = []; kept = []
-    seen_ids: set[str] = set()
+    seen_ids: dict[str, str] = {}     # id → where it was first read
     dedup, near = ExactDedup(), (NearDedup(cfg.near_dup_threshold, cfg.near_dup_num_perm, cfg.near_dup_shingle,
                                            cfg.near_dup_chars) if cfg.near_dup else None)
     rng = random.Random(seed); reservoir: list[dict] = []; n_seen_q = 0
@@ -557,14 +738,17 @@ def build_conversations(cfg: DataConfig, seed: int = 0, progress: bool = False):
         kw = {"info": info} if kind == "sharegpt" else {}
         rp = resolve_path(p)   # a configured file that is missing is a configuration error: fail loudly
         if not rp.exists(): raise FileNotFoundError(f"profile key data.{kind}: {rp} not found (supply the file or remove it)")
+        fs = led.file(src, rp)
         it = loader(p, led, source=src, max_records=cap, max_chars=cfg.max_message_chars, **kw)
         n_kept = 0
         try:
             for conv in it:
+                fs["conversations"] += 1
+                where = where_of(conv["meta"])
                 if conv["id"] in seen_ids:
-                    led.drop(src, "parse", "duplicate_id", file=conv["meta"].get("file"), id=conv["id"],
-                             where=str(conv["meta"].get("offset", conv["meta"].get("line", ""))), error=True); continue
-                seen_ids.add(conv["id"]); led.n_out[(src, "parse")] += 1
+                    led.drop(src, "parse", "duplicate_id", file=rp, id=conv["id"], where=where, unit="conversation",
+                             detail=f"the id was first read at {seen_ids[conv['id']]}", error=True); continue
+                seen_ids[conv["id"]] = f"{rp.name} {where}"; led.n_out[(src, "parse")] += 1
                 if kind == "sharegpt" and cfg.category_sample:   # raw first-query sample for Table 5, before cleaning
                     q = next((m["content"] for m in conv["messages"] if m["role"].lower() in ("human", "user")), None)
                     if q is not None:
@@ -574,19 +758,25 @@ def build_conversations(cfg: DataConfig, seed: int = 0, progress: bool = False):
                         else:
                             j = rng.randrange(n_seen_q)
                             if j < cfg.category_sample: reservoir[j] = item
-                conv = _run_steps(conv, src, cfg, led, dedup, near)
-                if conv is not None: kept.append(conv); n_kept += 1
-        except OSError as e:
-            led.drop(src, "parse", "read_error", file=p, detail=str(e), error=True)
-        infos.append({**info, "kept": n_kept, "seconds": round(time.time() - t0, 2)})
+                conv = _run_steps(conv, src, cfg, led, dedup, near, rp, where)
+                if conv is not None: kept.append(conv); n_kept += 1; fs["kept"] += 1
+        except OSError as e:   # the file became unreadable mid-way: one error, what was read is kept
+            led.read(src, rp); led.drop(src, "parse", "read_error", file=rp, where="file", detail=str(e), error=True)
+        info.update(layout=fs["layout"], kept=n_kept, seconds=round(time.time() - t0, 2))
+        if (w := _file_warning(led, kind, rp)): warnings.warn(w, stacklevel=2); info["warning"] = w
+        infos.append(info)
     for (src, step), c in led.dropped.items():   # a bug (not bad data) hitting many records must not pass silently
         n_err = sum(v for k, v in c.items() if k.startswith("error:"))
         if n_err > max(10, 0.05 * led.n_in[(src, step)]):
             raise RuntimeError(f"step '{step}' failed on {n_err} of {led.n_in[(src, step)]} {src} records: "
                                f"{next(e for e in led.errors if e['step'] == step and e['source'] == src)}")
+    fa = led.file_audit()
+    for r in fa[~fa.balanced].itertuples():      # the counts must add up; if not, that is a bug in this module
+        warnings.warn(f"audit of {r.file} does not add up: records_in {r.records_in} != {r.records_dropped} dropped + "
+                      f"{r.records_ok} ok, or conversations {r.conversations} != {r.conversations_dropped} dropped + {r.kept} kept")
     return kept, led, infos, reservoir
 
-def _run_steps(conv, src, cfg, led, dedup, near):
+def _run_steps(conv, src, cfg, led, dedup, near, file=None, where=None):
     fns = [("roles", lambda c, m: normalise_roles(c, m)),
            ("html", (lambda c, m: html_to_markdown(c, m)) if cfg.html_to_markdown else None),
            ("turns", lambda c, m: clean_turns(c, m)),
@@ -597,9 +787,12 @@ def _run_steps(conv, src, cfg, led, dedup, near):
         if fn is None: continue
         led.n_in[(src, step)] += 1
         try: conv = fn(conv, lambda what, n=1: led.modify(src, step, what, n))
-        except Drop as d: led.drop(src, step, d.reason); return None
+        except Drop as d:
+            led.drop(src, step, d.reason, file=file, id=conv.get("id"), where=where, detail=d.detail or None,
+                     unit="conversation"); return None
         except Exception as e:   # a bug-triggering record never aborts the run
-            led.drop(src, step, f"error:{type(e).__name__}", id=conv.get("id"), detail=str(e), error=True); return None
+            led.drop(src, step, f"error:{type(e).__name__}", file=file, id=conv.get("id"), where=where, detail=str(e),
+                     error=True, unit="conversation"); return None
         led.n_out[(src, step)] += 1
     return conv
 
@@ -635,26 +828,31 @@ def sources_params(profile: str, overrides: dict | None = None) -> dict:
     if overrides: cfg = dataclasses.replace(cfg, **overrides)
     return {"profile": profile, "seed": prof.seed, "data": dataclasses.asdict(cfg)}
 
+SOURCES_OUTPUTS = ("conversations.parquet", "audit.csv", "audit_files.csv", "errors.jsonl", "dropped.jsonl",
+                   "queries_sample.jsonl", "sources.json")
+
 def run_sources(profile: str = "smoke", run_dir=None, overrides: dict | None = None, force: bool = False) -> Path:
     "Run the sources stage for `profile` (optionally overriding `data` keys); returns the run directory."
     import pandas as pd
     params = sources_params(profile, overrides)
     cfg = DataConfig(**params["data"])
     rd = Path(run_dir) if run_dir else run_dir_for(profile, "sources", params)
-    if not force and is_done(rd) and (rd / "conversations.parquet").exists(): return rd
+    if not force and is_done(rd) and all((rd / n).exists() for n in SOURCES_OUTPUTS): return rd
     with StageRun("sources", params, profile=profile, run_dir=rd) as run:
         for kind, p, _ in _sources_of(cfg):
             if resolve_path(p).exists(): run.add_input(f"{kind}:{Path(str(p)).name}", resolve_path(p))
         convs, led, infos, sample = build_conversations(cfg, seed=params["seed"])
         write_conversations(convs, run.dir / "conversations.parquet")
-        audit = led.audit()
-        atomic_write_text(run.dir / "audit.csv", audit.to_csv(index=False))
+        atomic_write_text(run.dir / "audit.csv", led.audit().to_csv(index=False))
+        atomic_write_text(run.dir / "audit_files.csv", led.file_audit().to_csv(index=False))
         atomic_write_text(run.dir / "errors.jsonl", "".join(to_json(e) + "\n" for e in led.errors))
+        atomic_write_text(run.dir / "dropped.jsonl", "".join(to_json(d) + "\n" for d in led.drops))
         atomic_write_text(run.dir / "queries_sample.jsonl", "".join(to_json(q) + "\n" for q in sample))
         counts = dict(collections.Counter(c["source"] for c in convs))
+        warns = [i["warning"] for i in infos if i.get("warning")]
         atomic_write_json(run.dir / "sources.json", {"files": infos, "kept": counts, "errors": len(led.errors),
-                                                      "errors_by_reason": dict(led.reasons())})
-        for n in ("conversations.parquet", "audit.csv", "errors.jsonl", "queries_sample.jsonl", "sources.json"):
-            run.add_output(n, run.dir / n)
-        run.extra.update(kept=counts, n_errors=len(led.errors))
+                                                      "errors_by_reason": dict(led.reasons()), "dropped": len(led.drops),
+                                                      "warnings": warns})
+        for n in SOURCES_OUTPUTS: run.add_output(n, run.dir / n)
+        run.extra.update(kept=counts, n_errors=len(led.errors), n_dropped=len(led.drops), warnings=warns)
     return run.dir
