@@ -8,7 +8,7 @@ Docs: https://imitation-nb.github.io/imitation_nb/core.html.md"""
 from __future__ import annotations
 
 import contextlib, dataclasses, datetime as _dt, difflib, hashlib, importlib, json, os, platform, random
-import re, resource, subprocess, sys, tempfile, time, types, typing, warnings
+import re, resource, subprocess, sys, tempfile, time, traceback, types, typing, warnings
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
@@ -17,15 +17,16 @@ import yaml
 
 # %% auto #0
 __all__ = ['PACKAGE_DIR', 'SECTION_MODULES', 'SECRET_KEY_RE', 'SECRET_ENV_RE', 'PAPER_COLUMNS', 'RESULT_COLUMNS',
-           'NUMERIC_COLUMNS', 'PAPER_METRIC_KEYS', 'SUBJECT_KEYS', 'COMMANDS', 'project_root', 'data_dir',
-           'configs_dir', 'runs_dir', 'figures_dir', 'nbs_dir', 'cache_dir', 'atomic_write_bytes', 'atomic_write_text',
-           'to_json', 'atomic_write_json', 'append_jsonl', 'read_jsonl', 'repair_jsonl', 'stable_hash', 'file_sha256',
-           'dir_hash', 'seed_everything', 'ProfileError', 'build_dataclass', 'register_section', 'section_schema',
-           'ModelEntry', 'DataSweep', 'SizeSweep', 'GridConfig', 'ComputeConfig', 'Profile', 'profile_path',
-           'load_profile', 'deep_merge', 'list_profiles', 'secret_values', 'check_no_secrets', 'git_commit',
-           'package_versions', 'hardware_info', 'peak_rss_mb', 'now_iso', 'run_dir_for', 'read_manifest', 'is_done',
-           'StageRun', 'append_results', 'read_results_file', 'load_results', 'paper_metric_key', 'paper_role',
-           'paper_results', 'subject_fields', 'wilson_ci', 'bootstrap_ci', 'proportion_row', 'main', 'profiles_cli']
+           'NUMERIC_COLUMNS', 'PAPER_METRIC_KEYS', 'SUBJECT_KEYS', 'COMMANDS', 'USER_ERRORS', 'project_root',
+           'data_dir', 'configs_dir', 'runs_dir', 'figures_dir', 'nbs_dir', 'cache_dir', 'atomic_write_bytes',
+           'atomic_write_text', 'to_json', 'atomic_write_json', 'append_jsonl', 'read_jsonl', 'repair_jsonl',
+           'stable_hash', 'file_sha256', 'dir_hash', 'seed_everything', 'UserError', 'ProfileError',
+           'MissingInputError', 'build_dataclass', 'register_section', 'section_schema', 'ModelEntry', 'DataSweep',
+           'SizeSweep', 'GridConfig', 'ComputeConfig', 'Profile', 'profile_path', 'load_profile', 'deep_merge',
+           'list_profiles', 'profile_name', 'secret_values', 'check_no_secrets', 'git_commit', 'package_versions',
+           'hardware_info', 'peak_rss_mb', 'now_iso', 'run_dir_for', 'read_manifest', 'is_done', 'StageRun',
+           'append_results', 'read_results_file', 'load_results', 'paper_metric_key', 'paper_role', 'paper_results',
+           'subject_fields', 'wilson_ci', 'bootstrap_ci', 'proportion_row', 'main', 'profiles_cli']
 
 # %% ../nbs/00_core.ipynb #edb804ce
 PACKAGE_DIR = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
@@ -141,8 +142,15 @@ def seed_everything(seed: int) -> int:
     return seed
 
 # %% ../nbs/00_core.ipynb #8c664542
-class ProfileError(ValueError):
+class UserError(Exception):
+    """A mistake the user can fix: a bad profile, a missing input, an unknown name. `imitation-nb` prints the
+    message alone and exits with status 2 (`imitation-nb --debug <command> ...` shows the traceback too)."""
+
+class ProfileError(UserError, ValueError):
     "A profile file is invalid; the message names the file and the dotted key."
+
+class MissingInputError(UserError, FileNotFoundError):
+    "Files, folders or models a profile names do not exist; the message names the file, the dotted key and the path."
 
 def _type_name(t) -> str:
     return getattr(t, "__name__", None) or str(t).replace("typing.", "")
@@ -309,6 +317,15 @@ class Profile:
 _CORE_KEYS = ("name", "description", "seed", "models", "grid", "compute")
 
 # %% ../nbs/00_core.ipynb #61bac354
+def _yaml_where(e) -> str:
+    m = getattr(e, "problem_mark", None)
+    return f":{m.line + 1}:{m.column + 1}" if m is not None else ""
+
+def _yaml_what(e) -> str:
+    "A YAML error in one line: the parser's context and problem (its own text spans several lines)."
+    parts = [getattr(e, "context", None), getattr(e, "problem", None)]
+    return ", ".join(p for p in parts if p) or str(e).splitlines()[0]
+
 def profile_path(name_or_path) -> Path:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.exists(): return p
@@ -322,7 +339,7 @@ def load_profile(name_or_path, overrides: dict | None = None) -> Profile:
         known = sorted(p.stem for p in configs_dir().glob("*.yaml"))
         raise ProfileError(f"{path}: profile not found (known profiles: {', '.join(known)})")
     try: raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e: raise ProfileError(f"{path}: not valid YAML: {e}") from None
+    except yaml.YAMLError as e: raise ProfileError(f"{path}{_yaml_where(e)}: not valid YAML: {_yaml_what(e)}") from None
     if not isinstance(raw, dict): raise ProfileError(f"{path}: top level must be a mapping")
     if overrides: raw = deep_merge(raw, overrides)
     file = str(path)
@@ -357,6 +374,22 @@ def deep_merge(a: dict, b: dict) -> dict:
     return out
 
 def list_profiles() -> list[str]: return sorted(p.stem for p in configs_dir().glob("*.yaml"))
+
+def _profile_file(ref) -> Path | None:
+    "`ref` as an existing profile file, or None when it is a name (or a `Profile`)."
+    if isinstance(ref, Profile): return None
+    p = Path(str(ref))
+    return p if p.suffix in (".yaml", ".yml") and p.is_file() else None
+
+def profile_name(ref) -> str:
+    """The name of a profile given as a `Profile`, by name, or by file (the file's `name:`): run directories,
+    run ids and result rows use the name, whichever way the profile was given."""
+    if isinstance(ref, Profile): return ref.name
+    p = _profile_file(ref)
+    if p is None: return str(ref)
+    try: raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError: raw = None
+    return str(raw["name"]) if isinstance(raw, dict) and raw.get("name") else p.stem
 
 # %% ../nbs/00_core.ipynb #4cbfea44
 # whole name parts only: `hf_token`, `api_key`, `client_secret` match; `max_tokens`, `data_tokens_m` do not
@@ -420,7 +453,7 @@ def now_iso() -> str: return _dt.datetime.now(_dt.timezone.utc).isoformat(timesp
 
 def run_dir_for(profile: str, stage: str, params: dict, root=None) -> Path:
     "`runs/<profile>/<stage>/<param-hash>/` for this parameter set."
-    return Path(root or runs_dir()) / profile / stage / stable_hash(params)
+    return Path(root or runs_dir()) / profile_name(profile) / stage / stable_hash(params)
 
 def read_manifest(run_dir) -> dict | None:
     p = Path(run_dir) / "manifest.json"
@@ -443,18 +476,20 @@ class StageRun:
     def __init__(self, stage: str, params: dict, profile: str = "adhoc", seed: int | None = None,
                  run_dir=None, root=None):
         check_no_secrets(params, f"{stage} parameters")
-        self.stage, self.params, self.profile = stage, dict(params), profile
+        self.stage, self.params, self.profile = stage, dict(params), profile_name(profile)
+        pf = _profile_file(profile)   # given by file: the manifest records which file, and its content hash
+        self.profile_file = {"path": str(pf.resolve()), "sha256": file_sha256(pf)} if pf else None
         self.seed = seed if seed is not None else params.get("seed")
         self.param_hash = stable_hash(self.params)
         self.dir = Path(run_dir) if run_dir else run_dir_for(profile, stage, self.params, root)
-        self.run_id = f"{profile}/{stage}/{self.dir.name}"
+        self.run_id = f"{self.profile}/{stage}/{self.dir.name}"
         self.inputs, self.models, self.outputs, self.extra = {}, {}, {}, {}
 
     @property
     def manifest_path(self): return self.dir / "manifest.json"
 
     def _manifest(self, status, **kw):
-        return {"stage": self.stage, "run_id": self.run_id, "profile": self.profile, "status": status,
+        return {"stage": self.stage, "run_id": self.run_id, "profile": self.profile, "profile_file": self.profile_file, "status": status,
                 "param_hash": self.param_hash, "params": self.params, "seed": self.seed,
                 "git": self._git, "versions": self._versions, "hardware": self._hw,
                 "inputs": self.inputs, "models": self.models, "outputs": self.outputs, "extra": self.extra,
@@ -541,7 +576,7 @@ def load_results(root=None, profile: str | None = None, include_paper: bool = Tr
     import pandas as pd
     root = Path(root or runs_dir())
     frames = [paper_results()] if include_paper else []
-    pat = f"{profile}/**/results.csv" if profile else "**/results.csv"
+    pat = f"{profile_name(profile)}/**/results.csv" if profile else "**/results.csv"
     frames += [read_results_file(p) for p in sorted(root.glob(pat))] if root.exists() else []
     frames = [f for f in frames if not f.empty]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RESULT_COLUMNS)
@@ -638,13 +673,20 @@ COMMANDS = {
     "figures": ("imitation_nb.figures", "figures_cli", "regenerate every figure and table (paper and runs side by side)"),
 }
 
+# what the command reports as a message (exit 2) instead of a traceback: mistakes the user can fix, and a
+# path given on the command line that does not exist
+USER_ERRORS = (UserError, FileNotFoundError)
+
 def main(argv=None):
-    "Dispatch `imitation-nb <command> …` to the command's call_parse function."
+    """Dispatch `imitation-nb [--debug] <command> …` to the command's call_parse function. A `UserError` (or a
+    missing file) prints its message alone and returns 2; `--debug` prints the traceback as well."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = False
+    while argv and argv[0] == "--debug": debug = True; argv.pop(0)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print("usage: imitation-nb <command> [options]\n\ncommands:")
+        print("usage: imitation-nb [--debug] <command> [options]\n\ncommands:")
         for k, (_, _, h) in COMMANDS.items(): print(f"  {k:<10} {h}")
-        print("\n`imitation-nb <command> --help` for a command's options")
+        print("\n`imitation-nb <command> --help` for a command's options; `--debug` shows the traceback of an error")
         return 0
     cmd = argv.pop(0)
     if cmd not in COMMANDS:
@@ -660,7 +702,11 @@ def main(argv=None):
     # positional parameters: listed in the function's `cli_pos` attribute (others are --options)
     args = vars(anno_parser(f, prog=f"imitation-nb {cmd}", pos=getattr(func, "cli_pos", None)).parse_args(argv))
     args.pop("pdb", None); args.pop("xtra", None)
-    res = f(**args)
+    try: res = f(**args)
+    except USER_ERRORS as e:
+        if debug: traceback.print_exc()
+        print(f"imitation-nb {cmd}: error: {e}", file=sys.stderr)
+        return 2
     return res if isinstance(res, int) else 0
 
 # %% ../nbs/00_core.ipynb #945b2adf
@@ -670,14 +716,33 @@ from fastcore.script import call_parse
 def profiles_cli(
     action: str = "list",  # list | validate | show
     name: str = None,  # profile name or path (validate / show; default: all)
+    schema_only: bool = False,  # validate: keys and types only, not the files and models the profile names
 ):
-    "List the profiles, or validate / show one."
+    """List the profiles, or validate / show one. `validate` checks every key and type, then every input the
+    profile's plan reads: data files, replay caches and other path settings, embedded models and local model
+    folders (hub ids cannot be checked offline and are listed as such). Anything wrong: the file, the dotted
+    key and the missing path on stderr, exit status 2."""
     if action == "list":
         for n in list_profiles():
             p = load_profile(n); print(f"{n:<8} {p.description}")
-    elif action in ("validate", "show"):
-        names = [name] if name else list_profiles()
-        for n in names:
-            p = load_profile(n)
-            print(f"{p.file}: ok" if action == "validate" else yaml.safe_dump(p.to_dict(), sort_keys=False))
-    else: raise SystemExit(f"unknown action {action!r}")
+    elif action == "show":
+        for n in ([name] if name else list_profiles()): print(yaml.safe_dump(load_profile(n).to_dict(), sort_keys=False))
+    elif action == "validate":
+        errors = []
+        for n in ([name] if name else list_profiles()):
+            try: p = load_profile(n)
+            except ProfileError as e: errors.append(e); continue
+            if schema_only: print(f"{p.file}: ok (keys and types)"); continue
+            from imitation_nb.reproduce import input_checks, missing_inputs   # the stages know what they read
+            rows = input_checks(p)
+            missing, hub = missing_inputs(p, rows), [r for r in rows if r["status"] == "hub"]
+            n_missing = sum(r["status"] == "missing" for r in rows)
+            if missing: print(f"{p.file}: {n_missing} of {len(rows)} inputs missing (on stderr)")
+            else: print(f"{p.file}: ok ({len(rows) - len(hub)} inputs found" + (f", {len(hub)} hub ids not checked)" if hub else ")"))
+            for r in hub: print(f"  {r['key']}: {r['value']} ({r['detail']})")
+            if missing: errors.append(missing)
+        if len(errors) == 1: raise errors[0]
+        if errors: raise UserError(f"{len(errors)} profiles have errors:\n" + "\n".join(str(e) for e in errors))
+    else:
+        close = difflib.get_close_matches(str(action), ["list", "validate", "show"], n=1)
+        raise UserError(f"unknown action '{action}'" + (f" (did you mean '{close[0]}'?)" if close else " (list | validate | show)"))

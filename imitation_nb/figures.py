@@ -123,16 +123,17 @@ def select(results=None, source: str = "both", profile: str | None = None, run_i
     if run_ids is not None:
         ids = [run_ids] if isinstance(run_ids, str) else list(run_ids)
         repro = repro[repro["run_id"].isin(ids)]
-    if profile is not None: repro = repro[repro["profile"] == profile]
+    name = core.profile_name(profile) if profile is not None else None   # a profile file: rows carry its `name:`
+    if name is not None: repro = repro[repro["profile"] == name]
     elif not repro.empty and repro["profile"].nunique() > 1:
         newest = repro.sort_values("created").iloc[-1]["profile"]
         notes.append(f"reproduction rows of several profiles found; drawing the newest, '{newest}'")
         repro = repro[repro["profile"] == newest]
-    prof = profile or (repro["profile"].iloc[0] if not repro.empty else None)
+    prof = name or (repro["profile"].iloc[0] if not repro.empty else None)
     if source in ("reproduction", "both") and repro.empty:
         notes.append("Reproduction: no results" + (f" for profile '{prof}'" if prof else "") + " yet; run "
                      f"`imitation-nb reproduce --profile {prof or 'mini'}` to draw them next to the paper's.")
-    return Selection(paper, repro, prof, _profile_grid(prof), source, notes)
+    return Selection(paper, repro, prof, _profile_grid(profile if profile is not None else prof), source, notes)
 
 # %% ../nbs/80_figures.ipynb #f696ed0c
 _SIZE_PANEL = re.compile(r"bottom|right|model size|size of", re.I)

@@ -7,19 +7,23 @@ Docs: https://imitation-nb.github.io/imitation_nb/reproduce.html.md"""
 # %% ../nbs/90_reproduce.ipynb #15bf9c3d
 from __future__ import annotations
 
-import concurrent.futures as cf, json, math, os, shlex, sys, threading, time, traceback, types
+import concurrent.futures as cf, dataclasses, difflib, functools, importlib.util, json, math, os, shlex, sys, threading, time, traceback, types
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from .core import (Profile, load_profile, runs_dir, nbs_dir, project_root, stable_hash, is_done,
-                               read_manifest, append_jsonl, now_iso, check_no_secrets, cache_dir)
+                               read_manifest, append_jsonl, now_iso, check_no_secrets, cache_dir,
+                               UserError, MissingInputError, file_sha256, atomic_write_text)
 
 # %% auto #0
-__all__ = ['STAGE_NOTEBOOKS', 'EVAL_STAGES', 'ALWAYS_RUN', 'KNOWN_ARCH', 'ASSUMED_TRAIN_MFU', 'ASSUMED_DECODE_MFU',
-           'PROMPT_TOKENS', 'STAGE_DIRECTIVES', 'THREAD_VARS', 'StagePlan', 'subject_for', 'plan', 'arch_for',
-           'lora_params', 'training_flops', 'memory_gb', 'eval_tokens', 'estimate', 'bill', 'papermill_command',
-           'status', 'StageFailed', 'stage_notebook', 'stage_notebook_path', 'write_stage_notebook', 'execute',
-           'run_plan', 'reproduce_cli']
+__all__ = ['STAGE_NOTEBOOKS', 'EVAL_STAGES', 'ALWAYS_RUN', 'STAGE_READS', 'PLANNER_ONLY', 'INPUT_KEYS', 'KNOWN_ARCH',
+           'ASSUMED_TRAIN_MFU', 'ASSUMED_DECODE_MFU', 'PROMPT_TOKENS', 'STAGE_DIRECTIVES', 'THREAD_VARS', 'StagePlan',
+           'stage_settings', 'input_status', 'subject_for', 'plan', 'input_checks', 'input_problems', 'missing_inputs',
+           'format_inputs', 'arch_for', 'lora_params', 'training_flops', 'memory_gb', 'eval_tokens', 'estimate', 'bill',
+           'papermill_command', 'status', 'StageFailed', 'write_profile_snapshot', 'check_settings', 'stage_notebook',
+           'stage_notebook_path', 'write_stage_notebook', 'execute', 'selected_stages', 'run_plan', 'reproduce_cli']
 
 # %% ../nbs/90_reproduce.ipynb #68cf240e
 STAGE_NOTEBOOKS = {
@@ -41,20 +45,179 @@ class StagePlan:
     run_dir: Path = None
     outputs: dict = field(default_factory=dict)  # named paths inside run_dir that downstream stages use
     cost: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)  # the profile values this run reads (`stage_settings`), hashed
+    profile_text: str | None = None              # a profile snapshot to write at params['profile'] before running
 
     @property
     def key(self) -> str: return f"{self.stage}:{self.run_dir.name}"
     @property
     def notebook(self) -> Path: return nbs_dir() / STAGE_NOTEBOOKS[self.stage]
 
+# %% ../nbs/90_reproduce.ipynb #93a8c085
+# keys: "<section>" (all of it), "<section>.<field>", "seed", "grid", "grid.<...>", "compute.<...>",
+# "models" (every entry), "models[base]" (the entry named by the stage's `base` parameter),
+# "models[subject]" (the evaluated subject's entry; the teacher's section for a teacher subject)
+STAGE_READS = {
+    "sources":         ("seed", "data"),
+    "mixtures":        ("seed", "mixtures", "models[base]", "grid.data_sweep.base"),
+    "nq_synthetic":    ("seed", "teacher", "nq_synthetic"),
+    "finetune":        ("finetune", "models[base]"),
+    "generate":        ("seed", "generate", "compute.device", "models[subject]"),
+    "eval_benchmarks": ("seed", "eval_benchmarks", "generate.backend", "generate.dtype", "generate.device",
+                        "generate.quantization", "generate.max_prompt_tokens", "compute.device", "models[subject]"),
+    "eval_toxicity":   ("eval_toxicity", "compute.device", "models[subject]"),
+    "eval_judge":      ("eval_judge", "judge"),
+    "style":           ("style", "judge"),
+    "eval_human":      ("seed", "eval_human"),
+    "figures":         ("seed", "figures", "grid", "models"),
+}
+# read by `plan` only: they become the secondary subjects' `max_items` / `n_prompts` stage parameters
+PLANNER_ONLY = ("generate.secondary_max_items", "eval_toxicity.secondary_n_prompts")
+# profile keys that name inputs (a string or a list of strings): files, folders, models
+INPUT_KEYS = {
+    "data.sharegpt": "file", "data.hc3": "file", "data.discord": "file", "data.chat_jsonl": "file",
+    "teacher.replay_paths": "file", "judge.replay_paths": "file",
+    "teacher.local_server": "model", "judge.local_server": "model",
+    "teacher.local_adapter": "folder", "judge.local_adapter": "folder",
+    "nq_synthetic.seed_file": "file", "nq_synthetic.template_file": "file", "nq_synthetic.decontam_files": "file",
+    "eval_toxicity.detoxify_checkpoint": "file", "eval_toxicity.detoxify_model_dir": "folder",
+    "models.*.spec": "model",
+}
+
+# %% ../nbs/90_reproduce.ipynb #b7b69923
+def _plain(x):
+    return dataclasses.asdict(x) if dataclasses.is_dataclass(x) else x
+
+def _section_value(prof: Profile, name: str):
+    "A section's validated config (defaults included), or its raw mapping when its stage module is absent."
+    try: return prof.section(name)
+    except (KeyError, ModuleNotFoundError): return prof.sections.get(name)
+
+def _read(prof: Profile, key: str, params: dict) -> dict:
+    "The resolved value(s) of one `STAGE_READS` key, as {dotted name: value}."
+    if key.startswith("models["):
+        which = key[len("models["):-1]
+        name = params.get("base") if which == "base" else (params.get("subject") or {}).get("model")
+        if name in prof.models: return {f"models.{name}": _plain(prof.models[name])}
+        sec = name if name in prof.sections else "teacher"    # the teacher (or another API model) is a section
+        return {sec: _plain(_section_value(prof, sec))}
+    if key == "models": return {"models": {k: _plain(v) for k, v in prof.models.items()}}
+    head, *rest = key.split(".")
+    obj = {"seed": prof.seed, "grid": prof.grid, "compute": prof.compute}[head] if head in ("seed", "grid", "compute") \
+        else _section_value(prof, head)
+    for r in rest: obj = obj.get(r) if isinstance(obj, dict) else getattr(obj, r, None)
+    return {key: _plain(obj)}
+
+def _inputs_of(read: dict) -> list[tuple[str, str, str]]:
+    "(dotted key, kind, value) of every input named by the resolved values `read`."
+    out = []
+    for name, val in read.items():
+        if name == "models" or name.startswith("models."):
+            entries = val if name == "models" else {name.split(".", 1)[1]: val}
+            out += [(f"models.{m}.spec", "model", e["spec"]) for m, e in entries.items()]
+            continue
+        for ik, kind in INPUT_KEYS.items():
+            sec, fld = ik.split(".", 1)
+            if name == sec and isinstance(val, dict): v = val.get(fld)
+            elif name == ik: v = val
+            else: continue
+            if isinstance(v, (list, tuple)): out += [(f"{ik}[{i}]", kind, x) for i, x in enumerate(v)]
+            elif v: out.append((ik, kind, v))
+    return out
+
+def stage_settings(prof: Profile, stage: str, params: dict) -> dict:
+    """Everything `stage` reads from `prof` for a run with `params` (see `STAGE_READS`): resolved values plus,
+    under `inputs`, a fingerprint of each file, folder or model they name. Hashed into the run directory."""
+    read = {}
+    for key in STAGE_READS[stage]: read.update(_read(prof, key, params))
+    for pk in PLANNER_ONLY:
+        sec, fld = pk.split(".", 1)
+        if isinstance(read.get(sec), dict): read[sec] = {k: v for k, v in read[sec].items() if k != fld}
+    inputs = {k: input_status(k, kind, v)["fingerprint"] for k, kind, v in _inputs_of(read)}
+    return {**read, "inputs": inputs} if inputs else read
+
+# %% ../nbs/90_reproduce.ipynb #242c8e9a
+_HASHES: dict = {}   # (path, size, mtime_ns) -> sha256: each input file is read once per process
+
+def _file_fingerprint(p: Path) -> str:
+    st = p.stat(); k = (str(p), st.st_size, st.st_mtime_ns)
+    if k not in _HASHES: _HASHES[k] = file_sha256(p)
+    return _HASHES[k]
+
+def _folder_fingerprint(p: Path) -> str:
+    "Names, sizes and modification times of the files under `p` (no content read: model folders are large)."
+    return stable_hash(sorted((str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns)
+                              for f in p.rglob("*") if f.is_file()))
+
+def _input_path(key: str, value: str) -> Path:
+    if key.startswith("data.sharegpt") and str(value) == "wheel":
+        from imitation_nb.sources import sharegpt_wheel_path
+        return sharegpt_wheel_path()
+    p = Path(str(value)).expanduser()
+    return p if p.is_absolute() else project_root() / p
+
+def _model_status(spec: str) -> dict:
+    from imitation_nb.models import EMBEDDED, model_cache
+    if spec in EMBEDDED:
+        if (model_cache(spec) / "imitation_nb_model.json").exists():
+            return {"status": "ok", "detail": "embedded model, converted", "fingerprint": spec}
+        pkg = EMBEDDED[spec].package
+        if importlib.util.find_spec(pkg) is None:
+            return {"status": "missing", "fingerprint": "missing",
+                    "detail": f"embedded model '{spec}': its package {pkg} is not installed (see the README's install command)"}
+        return {"status": "ok", "detail": "embedded model, converted on first use", "fingerprint": spec}
+    p = Path(spec).expanduser(); p = p if p.is_absolute() else project_root() / p
+    if p.is_dir():
+        if (p / "config.json").exists(): return {"status": "ok", "detail": f"local model folder {p}", "fingerprint": _folder_fingerprint(p)}
+        return {"status": "missing", "fingerprint": "missing", "detail": f"{spec}: not a Hugging Face model folder (no config.json in {p})"}
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return {"status": "hub", "detail": "hub id, not checked", "fingerprint": spec}
+    if "/" in spec or spec.startswith((".", "~")):
+        return {"status": "missing", "fingerprint": "missing",
+                "detail": f"{spec}: local model folder not found" + (f" ({p})" if str(p) != spec else "")}
+    close = difflib.get_close_matches(spec, list(EMBEDDED), n=1)
+    return {"status": "missing", "fingerprint": "missing",
+            "detail": f"'{spec}' is not an embedded model ({', '.join(EMBEDDED)}), a local model folder or a hub id"
+                      + (f" (did you mean '{close[0]}'?)" if close else "")}
+
+def input_status(key: str, kind: str, value: str) -> dict:
+    "Look up one input a profile names (`kind`: file | folder | model): status ok | hub | missing, detail, fingerprint."
+    row = {"key": key, "kind": kind, "value": value}
+    if kind == "model": return {**row, **_model_status(str(value))}
+    try: p = _input_path(key, value)
+    except FileNotFoundError as e: return {**row, "status": "missing", "fingerprint": "missing", "detail": f"{value}: {e}"}
+    if kind == "file" and p.is_file(): return {**row, "status": "ok", "detail": str(p), "fingerprint": _file_fingerprint(p)}
+    if kind == "folder" and p.is_dir(): return {**row, "status": "ok", "detail": str(p), "fingerprint": _folder_fingerprint(p)}
+    what = "not found" if not p.exists() else f"is not a {kind}"
+    return {**row, "status": "missing", "fingerprint": "missing", "detail": f"{value} {what} ({p})"}
+
 # %% ../nbs/90_reproduce.ipynb #00303aa8
 def _fmt_budget(b: float) -> str: return f"{b:g}"
 
-def _mk(stage, profile, params, root, deps=(), label="", **outputs) -> StagePlan:
-    params = {"profile": profile.name, **params}
+def _profile_ref(prof: Profile, root: Path) -> tuple[str, str | None]:
+    """(the profile file the stage notebooks load, snapshot text to write there first or None). The user's file
+    when `prof` is what that file says; a profile changed in memory (`load_profile(..., overrides=...)`) is
+    handed over as a snapshot `<root>/<name>/_profiles/<hash>.yaml`, written when a stage of the plan runs."""
+    d = prof.to_dict()
+    f = Path(prof.file).resolve() if prof.file else None
+    if f is not None and f.is_file():
+        try:
+            if load_profile(f).to_dict() == d: return str(f), None
+        except UserError: pass
+    head = f"# profile '{prof.name}'" + (f", {f} changed in memory" if f else "") + "; written by imitation_nb.reproduce\n"
+    return (str(Path(root) / prof.name / "_profiles" / f"{stable_hash(d)}.yaml"),
+            head + yaml.safe_dump(d, sort_keys=False, allow_unicode=True))
+
+def _mk(stage, profile, params, root, deps=(), label="", ref=(None, None), **outputs) -> StagePlan:
+    """One stage run. Its directory hashes the parameters, the profile values the stage reads
+    (`stage_settings`) and the upstream runs (whose keys carry their own hashes) — not the profile's path:
+    the same profile given by name, by path or as a copy is the same plan."""
     check_no_secrets(params, f"{stage} parameters")
-    rd = Path(root) / profile.name / stage / stable_hash(params)
-    return StagePlan(stage, params, list(deps), label or stage, rd, {k: str(rd / v) for k, v in outputs.items()})
+    settings = stage_settings(profile, stage, params)
+    h = stable_hash({"profile": profile.name, "params": params, "settings": settings, "upstream": sorted(deps)})
+    rd = Path(root) / profile.name / stage / h
+    return StagePlan(stage, {"profile": ref[0] or profile.name, **params}, list(deps), label or stage, rd,
+                     {k: str(rd / v) for k, v in outputs.items()}, settings=settings, profile_text=ref[1])
 
 def subject_for(profile: Profile, model: str, role: str, adapter=None, data="none", budget=0.0) -> dict:
     m = profile.models[model]
@@ -66,11 +229,13 @@ def subject_for(profile: Profile, model: str, role: str, adapter=None, data="non
 def plan(profile: Profile | str, root=None, teacher: bool | None = None) -> list[StagePlan]:
     "Every stage run of `profile`'s grid, in a valid execution order."
     prof = load_profile(profile) if isinstance(profile, (str, Path)) else profile
-    root = Path(root or runs_dir())
+    root = Path(root or runs_dir()).absolute()    # stage kernels run in nbs/: every path they get is absolute
     g = prof.grid
     P = []
     add = lambda sp: (P.append(sp), sp)[1]
-    src = add(_mk("sources", prof, {}, root, label="sources: load + clean imitation data",
+    ref = _profile_ref(prof, root)
+    mk = functools.partial(_mk, ref=ref)
+    src = add(mk("sources", prof, {}, root, label="sources: load + clean imitation data",
                   conversations="conversations.parquet"))
     # tokenizer-specific mixtures: the data-sweep base gets every budget, size-sweep bases the size budget
     budgets: dict[str, set] = {}
@@ -78,25 +243,27 @@ def plan(profile: Profile | str, root=None, teacher: bool | None = None) -> list
     for b in g.size_sweep.bases: budgets.setdefault(b, set()).add(g.size_sweep.budget_m)
     mix = {}
     for base, bs in budgets.items():
-        mix[base] = add(_mk("mixtures", prof, {"base": base, "sources_dir": str(src.run_dir), "budgets_m": sorted(bs)},
+        mix[base] = add(mk("mixtures", prof, {"base": base, "sources_dir": str(src.run_dir), "budgets_m": sorted(bs)},
                             root, deps=[src.key], label=f"mixtures for {base}: budgets {sorted(bs)}M",
                             heldout="heldout_prompts.jsonl"))
-    nq = add(_mk("nq_synthetic", prof, {}, root, label="NQ-synthetic via the teacher", data="nq_synthetic.jsonl")) \
+    nq = add(mk("nq_synthetic", prof, {}, root, label="NQ-synthetic via the teacher", data="nq_synthetic.jsonl")) \
         if g.data_sweep.nq_synthetic else None
     # fine-tuning: one run per base at its largest budget, saving every smaller budget on the way
     ft, adapters = {}, []   # adapters: (base, data, budget, plan, adapter_dir)
+    fsec = _section_value(prof, "finetune")   # the stage's `seed` parameter overrides its section's: pass the section's
+    ft_seed = fsec.get("seed", 0) if isinstance(fsec, dict) else getattr(fsec, "seed", 0)
     for base, bs in budgets.items():
         top = max(bs)
-        p = add(_mk("finetune", prof, {"base": base, "train_file": str(mix[base].run_dir / f"train_{_fmt_budget(top)}M.parquet"),
+        p = add(mk("finetune", prof, {"base": base, "train_file": str(mix[base].run_dir / f"train_{_fmt_budget(top)}M.parquet"),
                                        "heldout_file": mix[base].outputs["heldout"], "save_at_budgets_m": sorted(bs),
-                                       "data_label": "ShareGPT-Mix"},
+                                       "data_label": "ShareGPT-Mix", "seed": ft_seed},
                     root, deps=[mix[base].key], label=f"finetune {base} on ShareGPT-Mix, saves at {sorted(bs)}M"))
         ft[base] = p
         for b in sorted(bs): adapters.append((base, "ShareGPT-Mix", b, p, str(p.run_dir / "adapters" / _fmt_budget(b))))
     if nq is not None:
         base = g.data_sweep.base
-        p = add(_mk("finetune", prof, {"base": base, "train_file": nq.outputs["data"], "heldout_file": mix[base].outputs["heldout"],
-                                       "save_at_budgets_m": [], "data_label": "NQ-synthetic"},
+        p = add(mk("finetune", prof, {"base": base, "train_file": nq.outputs["data"], "heldout_file": mix[base].outputs["heldout"],
+                                       "save_at_budgets_m": [], "data_label": "NQ-synthetic", "seed": ft_seed},
                     root, deps=[nq.key, mix[base].key], label=f"finetune {base} on NQ-synthetic"))
         adapters.append((base, "NQ-synthetic", 0.0, p, str(p.run_dir / "adapters" / "final")))
     # subjects: untrained bases, every adapter, and the teacher through the same code (when configured)
@@ -111,7 +278,7 @@ def plan(profile: Profile | str, root=None, teacher: bool | None = None) -> list
     refs = mix[g.data_sweep.base]
     for subj, deps, base in subjects:
         name = subj["label"]
-        add(_mk("eval_benchmarks", prof, {"subject": subj}, root, deps=deps, label=f"NQ / MMLU / HumanEval: {name}"))
+        add(mk("eval_benchmarks", prof, {"subject": subj}, root, deps=deps, label=f"NQ / MMLU / HumanEval: {name}"))
         # the "looks" side (toxicity, judge, style) is drawn for the ShareGPT-Mix models, the data-sweep base
         # and the teacher (Figs 3, 5, Table 2); NQ-synthetic and other bases appear in Table 1 / Fig 4 only
         if subj["imitation_data"] == "NQ-synthetic" or (subj["role"] == "base" and base != g.data_sweep.base):
@@ -123,22 +290,51 @@ def plan(profile: Profile | str, root=None, teacher: bool | None = None) -> list
         tp = {"subject": subj}
         if secondary and getattr(prof.section("eval_toxicity"), "secondary_n_prompts", 0):
             tp["n_prompts"] = prof.section("eval_toxicity").secondary_n_prompts
-        add(_mk("eval_toxicity", prof, tp, root, deps=deps, label=f"RealToxicityPrompts: {name}"))
+        add(mk("eval_toxicity", prof, tp, root, deps=deps, label=f"RealToxicityPrompts: {name}"))
         gp = {"subject": subj, "prompts_file": refs.outputs["heldout"]}
         if secondary and getattr(prof.section("generate"), "secondary_max_items", 0):
             gp["max_items"] = prof.section("generate").secondary_max_items    # judge and style follow the generations
-        gen = add(_mk("generate", prof, gp, root,
+        gen = add(mk("generate", prof, gp, root,
                       deps=deps + [refs.key], label=f"answers to held-out prompts: {name}", generations="generations.jsonl"))
         for st, lab in (("eval_judge", "judge vs teacher"), ("style", "style vs teacher")):
-            add(_mk(st, prof, {"subject": subj, "generations_file": gen.outputs["generations"],
+            add(mk(st, prof, {"subject": subj, "generations_file": gen.outputs["generations"],
                                "references_file": refs.outputs["heldout"]}, root, deps=[gen.key], label=f"{lab}: {name}"))
         if subj["role"] == "imitation" and subj["imitation_data"] == "ShareGPT-Mix" and subj["data_tokens_m"] == max(g.data_sweep.budgets_m) \
                 and base == g.data_sweep.base:
-            add(_mk("eval_human", prof, {"subject": subj, "generations_file": gen.outputs["generations"],
+            add(mk("eval_human", prof, {"subject": subj, "generations_file": gen.outputs["generations"],
                                          "references_file": refs.outputs["heldout"]}, root, deps=[gen.key],
                     label=f"human-eval study export: {name}"))
-    add(_mk("figures", prof, {"source": "both"}, root, deps=[p.key for p in P], label="every figure and table"))
+    add(mk("figures", prof, {"source": "both"}, root, deps=[p.key for p in P], label="every figure and table"))
     return P
+
+# %% ../nbs/90_reproduce.ipynb #2af470e8
+def input_checks(prof: Profile, P: list[StagePlan] | None = None) -> list[dict]:
+    "`input_status` of every input the stage runs of plan `P` (default: `plan(prof)`) read, each once, in plan order."
+    P = plan(prof) if P is None else P
+    seen = {}
+    for sp in P:
+        read = {k: v for k, v in sp.settings.items() if k != "inputs"}
+        for key, kind, value in _inputs_of(read):
+            if key not in seen: seen[key] = input_status(key, kind, value)
+    return list(seen.values())
+
+def input_problems(prof: Profile, rows: list[dict]) -> list[str]:
+    "One line per missing input: the profile file, the dotted key, what is missing."
+    return [f"{prof.file}: key '{r['key']}': {r['detail']}" for r in rows if r["status"] == "missing"]
+
+def missing_inputs(prof: Profile, rows: list[dict]) -> MissingInputError | None:
+    "The error to raise when inputs are missing (None when all are found)."
+    problems = input_problems(prof, rows)
+    if not problems: return None
+    return MissingInputError(f"{len(problems)} input(s) of profile '{prof.name}' missing:\n" + "\n".join(problems))
+
+def format_inputs(rows: list[dict]) -> str:
+    tag = {"ok": "ok", "hub": "hub", "missing": "MISSING"}
+    lines = [f"inputs named by the profile ({len(rows)}):"]
+    for r in rows:
+        d = r["detail"]
+        lines.append(f"  {tag[r['status']]:<8} " + (f"{r['key']}: {d}" if r["status"] == "missing" else f"{r['key']}: {r['value']} ({d})"))
+    return "\n".join(lines)
 
 # %% ../nbs/90_reproduce.ipynb #1ace5891
 # (layers, hidden, heads, vocab) of the architectures the profiles name; others are read from a local
@@ -289,6 +485,24 @@ def status(sp: StagePlan) -> str:
 
 class StageFailed(RuntimeError): pass
 
+def write_profile_snapshot(sp: StagePlan) -> Path | None:
+    "Write the profile snapshot a plan of an in-memory profile hands to its stages (once; content-addressed)."
+    if sp.profile_text is None: return None
+    p = Path(sp.params["profile"])
+    if not p.exists(): atomic_write_text(p, sp.profile_text)
+    return p
+
+def check_settings(sp: StagePlan):
+    """Refuse to run a stage whose profile values (or input files) changed since `plan` hashed them: its run
+    directory would claim settings it did not run with."""
+    if not sp.settings: return
+    try: now = stage_settings(load_profile(sp.params["profile"]), sp.stage, sp.params)
+    except UserError as e: raise StageFailed(f"{sp.key}: {e}") from None
+    if now != sp.settings:
+        diff = sorted(k for k in set(now) | set(sp.settings) if now.get(k) != sp.settings.get(k))
+        raise StageFailed(f"{sp.key}: the profile {sp.params['profile']} changed since the plan was made ({', '.join(diff)}); "
+                          f"run `imitation-nb reproduce` again to plan with the new settings")
+
 STAGE_DIRECTIVES = {"export", "exports", "exporti", "stage"}
 
 def _directives(src: str) -> set[str]:
@@ -326,6 +540,7 @@ def execute(sp: StagePlan, log=print, kernel: str = "python3") -> dict:
     "Run one stage notebook with papermill inside its run directory; keep the executed notebook as the record."
     import papermill as pm
     if not sp.notebook.exists(): raise StageFailed(f"{sp.key}: stage notebook {sp.notebook} does not exist")
+    write_profile_snapshot(sp); check_settings(sp)
     sp.run_dir.mkdir(parents=True, exist_ok=True)
     out = sp.run_dir / f"{sp.stage}.ipynb"
     t0 = time.time()
@@ -359,12 +574,27 @@ def _restore_env(old: dict):
         if v is None: os.environ.pop(k, None)
         else: os.environ[k] = v
 
+def selected_stages(P: list[StagePlan], only: str | None) -> set[str]:
+    "The stages `only` (comma-separated) names; a name that is not a stage of plan `P` is a `UserError`."
+    stages = list(dict.fromkeys(sp.stage for sp in P))
+    if only is None: return set(stages)
+    wanted = [s.strip() for s in str(only).split(",") if s.strip()]
+    bad = []
+    for s in (s for s in wanted if s not in stages):
+        close = difflib.get_close_matches(s, stages, n=1)
+        bad.append(f"stage '{s}' is not in this plan" if s in STAGE_NOTEBOOKS else
+                   f"unknown stage '{s}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    if bad or not wanted:
+        raise UserError(f"--only: {'; '.join(bad) or 'no stage named'}; the plan's stages: {', '.join(stages)}")
+    return set(wanted)
+
 def run_plan(P: list[StagePlan], only: str | None = None, force: bool = False, parallel: int = 1,
              log=print, keep_going: bool = True) -> dict:
     """Execute the plan: skip finished runs (unless `force`), run ready stages (all deps done) with up to
     `parallel` at once, stop dependents of a failure. Returns {key: status}."""
     by_key = {sp.key: sp for sp in P}
-    selected = {sp.key for sp in P if only is None or sp.stage in only.split(",")}
+    stages = selected_stages(P, only)
+    selected = {sp.key for sp in P if sp.stage in stages}
     state = {}
     for sp in P:
         if sp.key not in selected: state[sp.key] = "skipped" if status(sp) != "done" else "done"
@@ -418,12 +648,17 @@ def reproduce_cli(
     "Run (or plan) a profile's grid: collect → fine-tune → evaluate → draw, each stage a papermill run."
     prof = load_profile(profile)
     P = plan(prof, root=runs, teacher=False if no_teacher else None)
+    selected_stages(P, only)
+    rows = input_checks(prof, P); missing = missing_inputs(prof, rows)
     if dry_run:
-        print(f"profile '{prof.name}': {prof.description}\n{len(P)} stage runs (runs root {runs or runs_dir()}):\n")
+        print(f"profile '{prof.name}' ({Path(prof.file).resolve()}): {prof.description}\n"
+              f"{len(P)} stage runs (runs root {Path(runs or runs_dir()).absolute()}):\n")
         for i, sp in enumerate(P, 1):
             print(f"{i:>3}. [{status(sp)}] {sp.stage}: {sp.label}\n     {papermill_command(sp)}")
-        print("\n" + bill(prof, P))
+        print("\n" + bill(prof, P) + "\n\n" + format_inputs(rows))
+        if missing: raise missing
         return 0
+    if missing: print(format_inputs(rows)); raise missing
     t0 = time.time()
     st = run_plan(P, only=only, force=force, parallel=parallel or prof.compute.parallel_stages)
     times = st.pop("_times")

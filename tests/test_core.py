@@ -3,6 +3,7 @@ import hashlib, json, os, subprocess, sys, time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from imitation_nb import core
 
@@ -17,8 +18,16 @@ def cli(*args, env=None, check=True):
 
 
 def test_every_profile_validates():
-    r = cli("profiles", "--action", "validate")
+    r = cli("profiles", "--action", "validate", "--schema-only")
     for name in ("smoke", "mini", "paper", "modern"): assert f"configs/{name}.yaml: ok" in r.stdout
+    # with the input check: smoke and mini find every file and model they name; paper and modern name the
+    # user-supplied data (data/user/...), absent here, and hub models that cannot be checked offline
+    r = cli("profiles", "--action", "validate", check=False)
+    for name in ("smoke", "mini"): assert f"configs/{name}.yaml: ok" in r.stdout, r.stdout
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert ("configs/paper.yaml: key 'data.sharegpt[0]': data/user/sharegpt/ShareGPT_V3_unfiltered_cleaned_split.json "
+            "not found") in r.stderr, r.stderr
+    assert "models.llama-13b.spec: huggyllama/llama-13b (hub id, not checked)" in r.stdout, r.stdout
 
 
 @pytest.mark.parametrize("edit,expect", [
@@ -34,7 +43,7 @@ def test_profile_typos_name_file_and_key(tmp_path, edit, expect):
     with pytest.raises(core.ProfileError) as e: core.load_profile(bad)
     assert str(bad) in str(e.value) and expect in str(e.value), str(e.value)
     r = cli("profiles", "--action", "validate", "--name", str(bad), check=False)
-    assert r.returncode != 0 and expect in r.stderr
+    assert r.returncode == 2 and expect in r.stderr
 
 
 def test_paper_profile_encodes_the_papers_grid():
@@ -111,3 +120,76 @@ def test_unknown_command_and_help():
     r = cli("reproduc", check=False)
     assert r.returncode == 2 and "did you mean 'reproduce'" in r.stderr
     assert "reproduce" in cli("--help").stdout
+
+
+def _smoke_copy(tmp_path, edit=None, name="edited.yaml"):
+    "configs/smoke.yaml, optionally edited (a function of the parsed YAML), written to tmp_path/name."
+    raw = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    if edit: edit(raw)
+    p = tmp_path / name; p.write_text(yaml.safe_dump(raw, sort_keys=False)); return p
+
+
+def _text_edit(tmp_path, old, new, name="bad.yaml"):
+    src = (ROOT / "configs" / "smoke.yaml").read_text()
+    assert old in src
+    p = tmp_path / name; p.write_text(src.replace(old, new, 1)); return p
+
+
+@pytest.mark.parametrize("edit,expect", [
+    (("seed: 0", "sed: 0"), "unknown key 'sed' (did you mean 'seed'?)"),
+    (("params_b: 0.135", "params_b: small"), "key 'models.smollm2-135m.params_b': expected a number"),
+    (("  k: 2\n", "  k: [2\n  max_new_tokens: 12\n"), "not valid YAML"),
+    (None, "profile not found (known profiles: mini, modern, paper, smoke)"),
+])
+def test_bad_profiles_print_one_line_exit_2_and_a_traceback_only_with_debug(tmp_path, edit, expect):
+    bad = _text_edit(tmp_path, *edit) if edit else tmp_path / "no_such_profile.yaml"
+    for cmd in (("profiles", "--action", "validate", "--name", str(bad)),
+                ("reproduce", "--profile", str(bad), "--dry-run", "--runs", str(tmp_path / "runs"))):
+        r = cli(*cmd, check=False)
+        lines = [l for l in r.stderr.splitlines() if l.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, (cmd, r.returncode, r.stderr)
+        assert str(bad) in lines[0] and expect in lines[0], lines[0]
+        d = cli("--debug", *cmd, check=False)
+        assert d.returncode == 2 and "Traceback (most recent call last)" in d.stderr and expect in d.stderr, d.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unexpected_errors_keep_their_traceback():
+    r = subprocess.run([sys.executable, "-c", "import sys; from imitation_nb import core; core.list_profiles = lambda: 1 / 0; "
+                        "sys.exit(core.main(['profiles']))"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr and "ZeroDivisionError" in r.stderr
+
+
+def test_unknown_action_and_missing_file_are_user_errors(tmp_path):
+    r = cli("profiles", "--action", "validat", check=False)
+    assert r.returncode == 2 and "unknown action 'validat'" in r.stderr and "Traceback" not in r.stderr
+    r = cli("finetune", "smollm2-135m", str(tmp_path / "no_train.jsonl"), str(tmp_path / "out"), check=False)
+    assert r.returncode == 2 and "no_train.jsonl" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def _break_inputs(raw):
+    raw["data"]["hc3"] = ["data/hc3/no_such_sample.csv"]
+    raw["teacher"]["replay_paths"] = ["data/cache/gone.sqlite"]
+    raw["models"]["gemma3-270m"]["spec"] = "/nonexistent/gemma-folder"
+    raw["judge"]["local_server"] = "smollm2-135m-instrct"
+    raw["models"]["smollm2-135m"]["spec"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_missing_inputs_fail_validation_and_the_dry_run(tmp_path):
+    bad = _smoke_copy(tmp_path, _break_inputs)
+    expect = [f"{bad}: key 'data.hc3[0]': data/hc3/no_such_sample.csv not found ({ROOT / 'data/hc3/no_such_sample.csv'})",
+              f"{bad}: key 'teacher.replay_paths[0]': data/cache/gone.sqlite not found",
+              f"{bad}: key 'models.gemma3-270m.spec': /nonexistent/gemma-folder: local model folder not found",
+              f"{bad}: key 'judge.local_server': 'smollm2-135m-instrct' is not an embedded model",
+              "did you mean 'smollm2-135m-instruct'?"]
+    r = cli("profiles", "--action", "validate", "--name", str(bad), check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    for e in expect: assert e in r.stderr, (e, r.stderr)
+    assert "models.smollm2-135m.spec: HuggingFaceTB/SmolLM2-135M-Instruct (hub id, not checked)" in r.stdout, r.stdout
+    r = cli("reproduce", "--profile", str(bad), "--dry-run", "--runs", str(tmp_path / "runs"), check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    for e in expect: assert e in r.stderr, (e, r.stderr)
+    assert "hub id, not checked" in r.stdout and "compute plan for 'smoke'" in r.stdout   # the plan is still shown
+    assert not (tmp_path / "runs").exists()
+    ok = cli("profiles", "--action", "validate", "--name", str(_smoke_copy(tmp_path, name="fine.yaml")))
+    assert ok.returncode == 0 and ": ok" in ok.stdout

@@ -1,8 +1,9 @@
 "The grid driver: plan, dry run, papermill execution, skip-finished, resume after kill -9, failures."
-import json, os, signal, subprocess, sys, textwrap, time
+import json, os, shutil, signal, subprocess, sys, textwrap, time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from imitation_nb import core, reproduce as R
 
@@ -30,7 +31,10 @@ def test_dry_run_lists_the_mini_grid_with_papermill_commands_and_bill(tmp_path):
 
 
 def test_paper_dry_run_bill_is_the_papers_scale(tmp_path):
-    out = cli("reproduce", "--profile", "paper", "--dry-run", "--runs", str(tmp_path)).stdout
+    r = cli("reproduce", "--profile", "paper", "--dry-run", "--runs", str(tmp_path), check=False)
+    # the paper's ShareGPT / HC3 / Discord files are supplied by the user (data/user/...): named, exit 2
+    assert r.returncode == 2 and "key 'data.sharegpt[0]': data/user/sharegpt/" in r.stderr, r.stderr
+    out = r.stdout
     line = [l for l in out.splitlines() if "finetune llama-13b on ShareGPT-Mix" in l and "FLOPs" in l][0]
     flops = float(line.split("FLOPs")[0].split()[-1])
     # 150M assistant tokens / 0.7 assistant share through 13B params, QLoRA: ~4NT + grad-ckpt 2NT ~ 1.7e19
@@ -148,3 +152,130 @@ def test_parallel_stage_runs_split_the_cores_and_restore_the_environment(monkeyp
     assert os.environ["OMP_NUM_THREADS"] == "7"
     R._restore_env(old)
     assert os.environ["OMP_NUM_THREADS"] == "7"
+
+
+# ------------------------------------------------------------------ the profile a stage reads, and its hash
+def _smoke_copy(tmp_path, edit=None, name="smoke_edited.yaml"):
+    "configs/smoke.yaml (same `name: smoke`), optionally edited (a function of the parsed YAML), in tmp_path."
+    raw = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    if edit: edit(raw)
+    p = tmp_path / name; p.write_text(yaml.safe_dump(raw, sort_keys=False)); return p
+
+
+def _changed(a, b):
+    "Keys (in plan b) of the stage runs whose run directory differs between two plans of the same grid."
+    assert [sp.label for sp in a] == [sp.label for sp in b]
+    return {y.key for x, y in zip(a, b) if x.run_dir != y.run_dir}
+
+
+def _downstream(P, keys):
+    "`keys` and every stage run that depends on one of them, directly or not."
+    out, grew = set(keys), True
+    while grew:
+        new = {sp.key for sp in P if sp.key not in out and set(sp.deps) & out}
+        out |= new; grew = bool(new)
+    return out
+
+
+def test_an_edited_eval_setting_reruns_only_that_stage_and_the_figures(tmp_path):
+    base = R.plan("smoke", root=tmp_path)
+    edited = _smoke_copy(tmp_path, lambda r: r["eval_toxicity"].update(k=3))
+    P = R.plan(str(edited), root=tmp_path)
+    changed = _changed(base, P)
+    tox = {sp.key for sp in P if sp.stage == "eval_toxicity"}
+    figs = {sp.key for sp in P if sp.stage == "figures"}
+    assert tox and changed == tox | figs, sorted(changed)
+    # the stages get the file the user gave; run dirs stay under runs/<profile name>/
+    assert {sp.params["profile"] for sp in P} == {str(edited.resolve())}
+    assert {sp.run_dir.parent.parent for sp in P} == {tmp_path / "smoke"}
+    assert all(sp.params["profile"] == str(ROOT / "configs" / "smoke.yaml") for sp in base)
+
+
+def test_an_edited_finetune_setting_reruns_finetune_and_everything_downstream(tmp_path):
+    base = R.plan("smoke", root=tmp_path)
+    P = R.plan(str(_smoke_copy(tmp_path, lambda r: r["finetune"].update(lr=5e-4))), root=tmp_path)
+    ft = {sp.key for sp in P if sp.stage == "finetune"}
+    assert len(ft) == 3 and _changed(base, P) == _downstream(P, ft)
+    same = {sp.stage for x, sp in zip(base, P) if x.run_dir == sp.run_dir}
+    assert {"sources", "mixtures", "nq_synthetic", "eval_benchmarks", "eval_toxicity", "generate", "eval_judge", "style"} <= same
+    for x, sp in zip(base, P):   # the untrained bases' evaluations keep their runs
+        if sp.params.get("subject", {}).get("role") == "base": assert x.run_dir == sp.run_dir, sp.label
+
+
+def test_the_contents_of_a_data_file_are_part_of_the_hash(tmp_path):
+    data = tmp_path / "hc3.csv"; shutil.copy(ROOT / "data" / "hc3" / "hc3_sample_500.csv", data)
+    prof = _smoke_copy(tmp_path, lambda r: r["data"].update(hc3=[str(data)]))
+    a = R.plan(str(prof), root=tmp_path / "runs")
+    assert _changed(a, R.plan(str(prof), root=tmp_path / "runs")) == set()     # stable while nothing changes
+    with open(data, "a") as f: f.write('"an extra question","an extra answer"\n')
+    b = R.plan(str(prof), root=tmp_path / "runs")
+    src = {sp.key for sp in b if sp.stage == "sources"}
+    assert _changed(a, b) == _downstream(b, src)
+    assert {sp.stage for x, sp in zip(a, b) if x.run_dir == sp.run_dir} >= {"nq_synthetic", "eval_benchmarks", "eval_toxicity"}
+
+
+def test_the_same_profile_by_name_by_path_or_as_a_copy_is_the_same_plan(tmp_path):
+    outs = [cli("reproduce", "--profile", ref, "--dry-run", "--runs", str(tmp_path)).stdout
+            for ref in ("smoke", "configs/smoke.yaml", str(ROOT / "configs" / "smoke.yaml"))]
+    assert outs[0] == outs[1] == outs[2]
+    assert f"-p profile {ROOT / 'configs' / 'smoke.yaml'}" in outs[0]
+    copy = tmp_path / "copy.yaml"; shutil.copy(ROOT / "configs" / "smoke.yaml", copy)   # same contents elsewhere
+    assert [sp.run_dir for sp in R.plan("smoke", root=tmp_path)] == [sp.run_dir for sp in R.plan(str(copy), root=tmp_path)]
+
+
+def test_every_stage_declares_the_profile_keys_it_reads():
+    assert set(R.STAGE_READS) == set(R.STAGE_NOTEBOOKS)
+    for name in core.list_profiles():
+        prof = core.load_profile(name)
+        for sp in R.plan(prof, root="/tmp/imitation_nb_settings"):
+            s = R.stage_settings(prof, sp.stage, sp.params)
+            assert s == sp.settings and s, (name, sp.key)
+    # a subject evaluated through a model entry reads that entry (spec, template, ...), the teacher its section
+    prof = core.load_profile("smoke")
+    s = R.stage_settings(prof, "eval_benchmarks", {"subject": {"model": "gemma3-270m"}})
+    assert s["models.gemma3-270m"]["chat_template"] == "gemma3-plain" and "models.smollm2-135m" not in s
+    assert "teacher" in R.stage_settings(prof, "generate", {"subject": {"model": "teacher"}})
+
+
+def test_a_stage_run_reads_the_profile_file_it_is_given(tmp_path):
+    "A real stage notebook (eval_human, cheap) run by the driver records the edited file's value."
+    edited = _smoke_copy(tmp_path, lambda r: r["eval_human"].update(n_items=6, n_gold=1))
+    sp = next(sp for sp in R.plan(str(edited), root=tmp_path / "runs") if sp.stage == "eval_human")
+    fx = ROOT / "tests" / "human_fixtures"
+    sp.params.update(generations_file=str(fx / "generations.jsonl"), references_file=str(fx / "references.jsonl"))
+    R.execute(sp)
+    m = core.read_manifest(sp.run_dir)
+    assert m["status"] == "done" and m["params"]["eval_human"]["n_items"] == 6 and m["params"]["eval_human"]["n_gold"] == 1
+    assert m["profile"] == "smoke" and m["run_id"] == f"smoke/eval_human/{sp.run_dir.name}"
+    assert m["profile_file"] == {"path": str(edited.resolve()), "sha256": core.file_sha256(edited)}
+    study = json.loads((sp.run_dir / "study" / "study.json").read_text())
+    assert (study["n_items"], study["n_gold"]) == (6, 1)
+
+
+def test_a_profile_edited_after_planning_fails_the_stage_instead_of_running_it(tmp_path):
+    edited = _smoke_copy(tmp_path)
+    sp = next(sp for sp in R.plan(str(edited), root=tmp_path / "runs") if sp.stage == "eval_human")
+    edited.write_text(edited.read_text().replace("n_items: 10", "n_items: 4"))
+    with pytest.raises(R.StageFailed, match="changed since the plan was made"): R.execute(sp)
+    assert not sp.run_dir.exists()
+
+
+def test_a_profile_changed_in_memory_reaches_the_stages_as_a_snapshot(tmp_path):
+    over = core.load_profile("smoke", overrides={"eval_human": {"n_items": 6}})
+    P = R.plan(over, root=tmp_path)
+    refs = {sp.params["profile"] for sp in P}
+    assert len(refs) == 1 and Path(next(iter(refs))).parent == tmp_path / "smoke" / "_profiles"
+    assert not list(tmp_path.iterdir())                       # planning writes nothing
+    R.write_profile_snapshot(P[0])
+    assert core.load_profile(P[0].params["profile"]).to_dict() == over.to_dict()
+    for name in core.list_profiles():                         # every shipped profile round-trips
+        prof = core.load_profile(name, overrides={"seed": 7})
+        sp = R.plan(prof, root=tmp_path)[0]; R.write_profile_snapshot(sp)
+        assert core.load_profile(sp.params["profile"]).to_dict() == prof.to_dict(), name
+
+
+def test_an_unknown_stage_in_only_is_a_user_error(tmp_path):
+    r = cli("reproduce", "--profile", "smoke", "--only", "sources,finetun", "--runs", str(tmp_path / "runs"), check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "--only: unknown stage 'finetun' (did you mean 'finetune'?)" in r.stderr
+    assert not (tmp_path / "runs").exists()
