@@ -16,3 +16,5 @@ Modules:
 - `imitation_nb.train_kernels`: Exact-math replacements the trainer installs on the model it trains: attention computed per packed conversation, LoRA layers whose adapter half costs no extra pass over their output, and LoRA input dropout whose mask costs less than half of torch's on CPU."""
 
 __version__ = "0.1.0"
+
+from . import stages as _stages   # the stage registry: tells core which module owns each profile section (imports no stage)

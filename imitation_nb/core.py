@@ -7,8 +7,8 @@ Docs: https://imitation-nb.github.io/imitation_nb/core.html.md"""
 # %% ../nbs/00_core.ipynb #35abd1d0
 from __future__ import annotations
 
-import contextlib, dataclasses, datetime as _dt, difflib, hashlib, importlib, json, os, platform, random
-import re, resource, subprocess, sys, tempfile, time, traceback, types, typing, warnings
+import contextlib, dataclasses, datetime as _dt, difflib, hashlib, json, os, platform, random
+import re, resource, subprocess, sys, tempfile, time, types, typing, warnings
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
@@ -16,17 +16,17 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type
 import yaml
 
 # %% auto #0
-__all__ = ['PACKAGE_DIR', 'SECTION_MODULES', 'SECRET_KEY_RE', 'SECRET_ENV_RE', 'PAPER_COLUMNS', 'RESULT_COLUMNS',
-           'NUMERIC_COLUMNS', 'PAPER_METRIC_KEYS', 'SUBJECT_KEYS', 'COMMANDS', 'USER_ERRORS', 'project_root',
-           'data_dir', 'configs_dir', 'runs_dir', 'figures_dir', 'nbs_dir', 'cache_dir', 'atomic_write_bytes',
-           'atomic_write_text', 'to_json', 'atomic_write_json', 'append_jsonl', 'read_jsonl', 'repair_jsonl',
-           'stable_hash', 'file_sha256', 'dir_hash', 'seed_everything', 'UserError', 'ProfileError',
-           'MissingInputError', 'build_dataclass', 'register_section', 'section_schema', 'ModelEntry', 'DataSweep',
-           'SizeSweep', 'GridConfig', 'ComputeConfig', 'Profile', 'profile_path', 'load_profile', 'deep_merge',
-           'list_profiles', 'profile_name', 'secret_values', 'check_no_secrets', 'git_commit', 'package_versions',
-           'hardware_info', 'peak_rss_mb', 'now_iso', 'run_dir_for', 'read_manifest', 'is_done', 'StageRun',
-           'append_results', 'read_results_file', 'load_results', 'paper_metric_key', 'paper_role', 'paper_results',
-           'subject_fields', 'wilson_ci', 'bootstrap_ci', 'proportion_row', 'main', 'profiles_cli']
+__all__ = ['PACKAGE_DIR', 'SECRET_KEY_RE', 'SECRET_ENV_RE', 'PAPER_COLUMNS', 'RESULT_COLUMNS', 'NUMERIC_COLUMNS',
+           'PAPER_METRIC_KEYS', 'SUBJECT_KEYS', 'project_root', 'data_dir', 'configs_dir', 'runs_dir', 'figures_dir',
+           'nbs_dir', 'cache_dir', 'atomic_write_bytes', 'atomic_write_text', 'to_json', 'atomic_write_json',
+           'append_jsonl', 'read_jsonl', 'repair_jsonl', 'stable_hash', 'file_sha256', 'dir_hash', 'seed_everything',
+           'UserError', 'ProfileError', 'MissingInputError', 'build_dataclass', 'register_section',
+           'add_section_source', 'section_schema', 'known_sections', 'ModelEntry', 'DataSweep', 'SizeSweep',
+           'GridConfig', 'ComputeConfig', 'Profile', 'profile_path', 'load_profile', 'deep_merge', 'list_profiles',
+           'profile_name', 'secret_values', 'check_no_secrets', 'git_commit', 'package_versions', 'hardware_info',
+           'peak_rss_mb', 'now_iso', 'run_dir_for', 'read_manifest', 'is_done', 'StageRun', 'append_results',
+           'read_results_file', 'load_results', 'paper_metric_key', 'paper_role', 'paper_results', 'subject_fields',
+           'wilson_ci', 'bootstrap_ci', 'proportion_row']
 
 # %% ../nbs/00_core.ipynb #edb804ce
 PACKAGE_DIR = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
@@ -219,16 +219,7 @@ def build_dataclass(cls, data, where: str = "", file: str = "<profile>", globaln
 
 # %% ../nbs/00_core.ipynb #638db13e
 _SECTIONS: dict[str, type] = {}
-
-# section name -> module that registers its dataclass (imported on demand when a profile is loaded)
-SECTION_MODULES = {
-    "data": "imitation_nb.sources", "mixtures": "imitation_nb.mixtures",
-    "teacher": "imitation_nb.teacher", "judge": "imitation_nb.teacher", "serve": "imitation_nb.serve",
-    "nq_synthetic": "imitation_nb.nq_synthetic", "finetune": "imitation_nb.finetune",
-    "generate": "imitation_nb.generate", "eval_benchmarks": "imitation_nb.eval_benchmarks",
-    "eval_toxicity": "imitation_nb.eval_toxicity", "eval_judge": "imitation_nb.eval_judge",
-    "style": "imitation_nb.style", "eval_human": "imitation_nb.eval_human", "figures": "imitation_nb.figures",
-}
+_SECTION_SOURCES: list = []   # registries that know which module defines each section (`imitation_nb.stages`)
 
 def register_section(name: str):
     "Class decorator: register a dataclass as the schema of profile section `name`."
@@ -239,13 +230,20 @@ def register_section(name: str):
         return cls
     return deco
 
+def add_section_source(schema_for, names):
+    """Let a registry resolve sections: `schema_for(name)` imports the module owning section `name` and returns its
+    dataclass (None if unknown); `names()` lists the sections it knows. `imitation_nb.stages` adds itself on import."""
+    _SECTION_SOURCES.append((schema_for, names))
+
 def section_schema(name: str):
-    "The dataclass registered for section `name` (importing its module), or None if that stage is not installed."
-    if name not in _SECTIONS and name in SECTION_MODULES:
-        try: importlib.import_module(SECTION_MODULES[name])
-        except ModuleNotFoundError as e:
-            if e.name != SECTION_MODULES[name]: raise
+    "The dataclass of profile section `name`: registered already, or resolved by a registry (None if unknown)."
+    if name not in _SECTIONS:
+        for schema_for, _ in _SECTION_SOURCES:
+            if schema_for(name) is not None: break
     return _SECTIONS.get(name)
+
+def known_sections() -> list[str]:
+    return sorted(set(_SECTIONS).union(*(names() for _, names in _SECTION_SOURCES)))
 
 # %% ../nbs/00_core.ipynb #597a06b6
 @dataclass
@@ -301,11 +299,14 @@ class Profile:
     file: str = ""
 
     def section(self, name: str):
-        "The validated config of stage section `name` (its dataclass defaults when the profile omits it)."
-        if name in self.sections: return self.sections[name]
+        """The validated config of section `name` (its dataclass defaults when the profile omits it). The section's
+        dataclass must be registered (importing its stage module does it); a mapping kept unvalidated at load
+        time is validated here, once."""
         cls = section_schema(name)
         if cls is None: raise KeyError(f"{self.file}: no section '{name}' and no stage module registers it")
-        return build_dataclass(cls, {}, name, self.file)
+        v = self.sections.get(name, {})
+        if not isinstance(v, cls): v = self.sections[name] = build_dataclass(cls, v, name, self.file)
+        return v
 
     def to_dict(self) -> dict:
         d = {k: (dataclasses.asdict(v) if is_dataclass(v) else v) for k, v in
@@ -333,7 +334,8 @@ def profile_path(name_or_path) -> Path:
 
 def load_profile(name_or_path, overrides: dict | None = None) -> Profile:
     """Load and validate a profile by name (`configs/<name>.yaml`) or path. `overrides` is a nested mapping
-    merged over the file (e.g. from papermill parameters)."""
+    merged over the file (e.g. from papermill parameters). Every section is validated by its dataclass (see
+    `section_schema`); an unknown section is an error when a stage registry is loaded."""
     path = profile_path(name_or_path)
     if not path.exists():
         known = sorted(p.stem for p in configs_dir().glob("*.yaml"))
@@ -343,20 +345,17 @@ def load_profile(name_or_path, overrides: dict | None = None) -> Profile:
     if not isinstance(raw, dict): raise ProfileError(f"{path}: top level must be a mapping")
     if overrides: raw = deep_merge(raw, overrides)
     file = str(path)
-    known = list(_CORE_KEYS) + sorted(set(SECTION_MODULES) | set(_SECTIONS))
     core = {}
     sections = {}
     for k, v in raw.items():
         if k in _CORE_KEYS: core[k] = v; continue
-        if k not in known:
+        cls = section_schema(k)
+        if cls is None and _SECTION_SOURCES:       # a registry is loaded and knows no such section: a typo
+            known = list(_CORE_KEYS) + known_sections()
             close = difflib.get_close_matches(str(k), known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known sections: {', '.join(known)})"
             raise ProfileError(f"{file}: unknown key '{k}'{hint}")
-        cls = section_schema(k)
-        if cls is None:
-            warnings.warn(f"{file}: section '{k}' kept unvalidated: its stage module is not installed")
-            sections[k] = v
-        else: sections[k] = build_dataclass(cls, v, k, file)
+        sections[k] = build_dataclass(cls, v, k, file) if cls else v     # unregistered: validated when asked for
     prof = build_dataclass(Profile, core, "", file)
     prof.sections, prof.file = sections, file
     for k, base in (("grid.data_sweep.base", prof.grid.data_sweep.base),
@@ -660,89 +659,3 @@ def proportion_row(k: int, n: int, scale: float = 100.0) -> dict:
     lo, hi = wilson_ci(k, n)
     return {"value": p * scale, "n": n, "std": ((p * (1 - p) / n) ** 0.5) * scale if n else float("nan"),
             "ci_low": lo * scale, "ci_high": hi * scale}
-
-# %% ../nbs/00_core.ipynb #3783738a
-COMMANDS = {
-    "models": ("imitation_nb.models", "models_cli", "prepare / list the embedded and configured base models"),
-    "reproduce": ("imitation_nb.reproduce", "reproduce_cli", "run (or --dry-run) a profile's grid with papermill"),
-    "serve": ("imitation_nb.serve", "serve_cli", "OpenAI-compatible server for a local model (+ adapter)"),
-    "finetune": ("imitation_nb.finetune", "finetune_cli", "QLoRA / LoRA / full fine-tuning of a base on imitation data"),
-    "rate": ("imitation_nb.eval_human", "rate_cli", "local blinded pairwise rating page for a human study"),
-    "profiles": ("imitation_nb.core", "profiles_cli", "list or validate profiles"),
-    "docs": ("imitation_nb.docs", "docs_cli", "build README.md and the offline HTML docs (_docs/)"),
-    "figures": ("imitation_nb.figures", "figures_cli", "regenerate every figure and table (paper and runs side by side)"),
-}
-
-# what the command reports as a message (exit 2) instead of a traceback: mistakes the user can fix, and a
-# path given on the command line that does not exist
-USER_ERRORS = (UserError, FileNotFoundError)
-
-def main(argv=None):
-    """Dispatch `imitation-nb [--debug] <command> …` to the command's call_parse function. A `UserError` (or a
-    missing file) prints its message alone and returns 2; `--debug` prints the traceback as well."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = False
-    while argv and argv[0] == "--debug": debug = True; argv.pop(0)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print("usage: imitation-nb [--debug] <command> [options]\n\ncommands:")
-        for k, (_, _, h) in COMMANDS.items(): print(f"  {k:<10} {h}")
-        print("\n`imitation-nb <command> --help` for a command's options; `--debug` shows the traceback of an error")
-        return 0
-    cmd = argv.pop(0)
-    if cmd not in COMMANDS:
-        close = difflib.get_close_matches(cmd, list(COMMANDS), n=1)
-        print(f"imitation-nb: unknown command '{cmd}'" + (f" (did you mean '{close[0]}'?)" if close else ""), file=sys.stderr)
-        return 2
-    mod, fn, _ = COMMANDS[cmd]
-    try: func = getattr(importlib.import_module(mod), fn)
-    except (ModuleNotFoundError, AttributeError) as e:
-        print(f"imitation-nb {cmd}: not available in this installation ({e})", file=sys.stderr); return 2
-    from fastcore.script import anno_parser
-    f = getattr(func, "__wrapped__", func)
-    # positional parameters: listed in the function's `cli_pos` attribute (others are --options)
-    args = vars(anno_parser(f, prog=f"imitation-nb {cmd}", pos=getattr(func, "cli_pos", None)).parse_args(argv))
-    args.pop("pdb", None); args.pop("xtra", None)
-    try: res = f(**args)
-    except USER_ERRORS as e:
-        if debug: traceback.print_exc()
-        print(f"imitation-nb {cmd}: error: {e}", file=sys.stderr)
-        return 2
-    return res if isinstance(res, int) else 0
-
-# %% ../nbs/00_core.ipynb #945b2adf
-from fastcore.script import call_parse
-
-@call_parse
-def profiles_cli(
-    action: str = "list",  # list | validate | show
-    name: str = None,  # profile name or path (validate / show; default: all)
-    schema_only: bool = False,  # validate: keys and types only, not the files and models the profile names
-):
-    """List the profiles, or validate / show one. `validate` checks every key and type, then every input the
-    profile's plan reads: data files, replay caches and other path settings, embedded models and local model
-    folders (hub ids cannot be checked offline and are listed as such). Anything wrong: the file, the dotted
-    key and the missing path on stderr, exit status 2."""
-    if action == "list":
-        for n in list_profiles():
-            p = load_profile(n); print(f"{n:<8} {p.description}")
-    elif action == "show":
-        for n in ([name] if name else list_profiles()): print(yaml.safe_dump(load_profile(n).to_dict(), sort_keys=False))
-    elif action == "validate":
-        errors = []
-        for n in ([name] if name else list_profiles()):
-            try: p = load_profile(n)
-            except ProfileError as e: errors.append(e); continue
-            if schema_only: print(f"{p.file}: ok (keys and types)"); continue
-            from imitation_nb.reproduce import input_checks, missing_inputs   # the stages know what they read
-            rows = input_checks(p)
-            missing, hub = missing_inputs(p, rows), [r for r in rows if r["status"] == "hub"]
-            n_missing = sum(r["status"] == "missing" for r in rows)
-            if missing: print(f"{p.file}: {n_missing} of {len(rows)} inputs missing (on stderr)")
-            else: print(f"{p.file}: ok ({len(rows) - len(hub)} inputs found" + (f", {len(hub)} hub ids not checked)" if hub else ")"))
-            for r in hub: print(f"  {r['key']}: {r['value']} ({r['detail']})")
-            if missing: errors.append(missing)
-        if len(errors) == 1: raise errors[0]
-        if errors: raise UserError(f"{len(errors)} profiles have errors:\n" + "\n".join(str(e) for e in errors))
-    else:
-        close = difflib.get_close_matches(str(action), ["list", "validate", "show"], n=1)
-        raise UserError(f"unknown action '{action}'" + (f" (did you mean '{close[0]}'?)" if close else " (list | validate | show)"))

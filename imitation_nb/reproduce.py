@@ -13,28 +13,20 @@ from pathlib import Path
 
 import yaml
 
-from .core import (Profile, load_profile, runs_dir, nbs_dir, project_root, stable_hash, is_done,
+from .core import (Profile, runs_dir, nbs_dir, project_root, stable_hash, is_done,
                                read_manifest, append_jsonl, now_iso, check_no_secrets, cache_dir,
                                UserError, MissingInputError, file_sha256, atomic_write_text)
+from .stages import STAGES, load_profile
 
 # %% auto #0
-__all__ = ['STAGE_NOTEBOOKS', 'EVAL_STAGES', 'ALWAYS_RUN', 'STAGE_READS', 'PLANNER_ONLY', 'INPUT_KEYS', 'KNOWN_ARCH',
-           'ASSUMED_TRAIN_MFU', 'ASSUMED_DECODE_MFU', 'PROMPT_TOKENS', 'STAGE_DIRECTIVES', 'THREAD_VARS', 'StagePlan',
-           'stage_settings', 'input_status', 'subject_for', 'plan', 'input_checks', 'input_problems', 'missing_inputs',
-           'format_inputs', 'arch_for', 'lora_params', 'training_flops', 'memory_gb', 'eval_tokens', 'estimate', 'bill',
-           'papermill_command', 'status', 'StageFailed', 'write_profile_snapshot', 'check_settings', 'stage_notebook',
-           'stage_notebook_path', 'write_stage_notebook', 'execute', 'selected_stages', 'run_plan', 'reproduce_cli']
+__all__ = ['PLANNER_ONLY', 'INPUT_KEYS', 'KNOWN_ARCH', 'ASSUMED_TRAIN_MFU', 'ASSUMED_DECODE_MFU', 'PROMPT_TOKENS',
+           'STAGE_DIRECTIVES', 'THREAD_VARS', 'StagePlan', 'stage_settings', 'input_status', 'subject_for', 'plan',
+           'input_checks', 'input_problems', 'missing_inputs', 'format_inputs', 'arch_for', 'lora_params',
+           'training_flops', 'memory_gb', 'eval_tokens', 'estimate', 'bill', 'papermill_command', 'status',
+           'StageFailed', 'write_profile_snapshot', 'check_settings', 'stage_notebook', 'stage_notebook_path',
+           'write_stage_notebook', 'execute', 'selected_stages', 'run_plan', 'reproduce_cli']
 
 # %% ../nbs/90_reproduce.ipynb #68cf240e
-STAGE_NOTEBOOKS = {
-    "sources": "10_sources.ipynb", "mixtures": "12_mixtures.ipynb", "nq_synthetic": "24_nq_synthetic.ipynb",
-    "finetune": "30_finetune.ipynb", "generate": "40_generate.ipynb", "eval_benchmarks": "42_eval_benchmarks.ipynb",
-    "eval_toxicity": "44_eval_toxicity.ipynb", "eval_judge": "46_eval_judge.ipynb", "style": "48_style.ipynb",
-    "eval_human": "50_eval_human.ipynb", "figures": "80_figures.ipynb",
-}
-EVAL_STAGES = ("eval_benchmarks", "eval_toxicity", "generate", "eval_judge", "style")
-ALWAYS_RUN = ("figures",)   # its inputs (every results table) change without its parameters changing
-
 @dataclass
 class StagePlan:
     "One stage run: which notebook, with which parameters, after which other runs."
@@ -51,26 +43,9 @@ class StagePlan:
     @property
     def key(self) -> str: return f"{self.stage}:{self.run_dir.name}"
     @property
-    def notebook(self) -> Path: return nbs_dir() / STAGE_NOTEBOOKS[self.stage]
+    def notebook(self) -> Path: return STAGES[self.stage].notebook_path
 
 # %% ../nbs/90_reproduce.ipynb #93a8c085
-# keys: "<section>" (all of it), "<section>.<field>", "seed", "grid", "grid.<...>", "compute.<...>",
-# "models" (every entry), "models[base]" (the entry named by the stage's `base` parameter),
-# "models[subject]" (the evaluated subject's entry; the teacher's section for a teacher subject)
-STAGE_READS = {
-    "sources":         ("seed", "data"),
-    "mixtures":        ("seed", "mixtures", "models[base]", "grid.data_sweep.base"),
-    "nq_synthetic":    ("seed", "teacher", "nq_synthetic"),
-    "finetune":        ("finetune", "models[base]"),
-    "generate":        ("seed", "generate", "compute.device", "models[subject]"),
-    "eval_benchmarks": ("seed", "eval_benchmarks", "generate.backend", "generate.dtype", "generate.device",
-                        "generate.quantization", "generate.max_prompt_tokens", "compute.device", "models[subject]"),
-    "eval_toxicity":   ("eval_toxicity", "compute.device", "models[subject]"),
-    "eval_judge":      ("eval_judge", "judge"),
-    "style":           ("style", "judge"),
-    "eval_human":      ("seed", "eval_human"),
-    "figures":         ("seed", "figures", "grid", "models"),
-}
 # read by `plan` only: they become the secondary subjects' `max_items` / `n_prompts` stage parameters
 PLANNER_ONLY = ("generate.secondary_max_items", "eval_toxicity.secondary_n_prompts")
 # profile keys that name inputs (a string or a list of strings): files, folders, models
@@ -94,7 +69,7 @@ def _section_value(prof: Profile, name: str):
     except (KeyError, ModuleNotFoundError): return prof.sections.get(name)
 
 def _read(prof: Profile, key: str, params: dict) -> dict:
-    "The resolved value(s) of one `STAGE_READS` key, as {dotted name: value}."
+    "The resolved value(s) of one `reads` key, as {dotted name: value}."
     if key.startswith("models["):
         which = key[len("models["):-1]
         name = params.get("base") if which == "base" else (params.get("subject") or {}).get("model")
@@ -126,10 +101,10 @@ def _inputs_of(read: dict) -> list[tuple[str, str, str]]:
     return out
 
 def stage_settings(prof: Profile, stage: str, params: dict) -> dict:
-    """Everything `stage` reads from `prof` for a run with `params` (see `STAGE_READS`): resolved values plus,
+    """Everything `stage` reads from `prof` for a run with `params` (its `reads` in `imitation_nb.stages`): resolved values plus,
     under `inputs`, a fingerprint of each file, folder or model they name. Hashed into the run directory."""
     read = {}
-    for key in STAGE_READS[stage]: read.update(_read(prof, key, params))
+    for key in STAGES[stage].reads: read.update(_read(prof, key, params))
     for pk in PLANNER_ONLY:
         sec, fld = pk.split(".", 1)
         if isinstance(read.get(sec), dict): read[sec] = {k: v for k, v in read[sec].items() if k != fld}
@@ -208,7 +183,7 @@ def _profile_ref(prof: Profile, root: Path) -> tuple[str, str | None]:
     return (str(Path(root) / prof.name / "_profiles" / f"{stable_hash(d)}.yaml"),
             head + yaml.safe_dump(d, sort_keys=False, allow_unicode=True))
 
-def _mk(stage, profile, params, root, deps=(), label="", ref=(None, None), **outputs) -> StagePlan:
+def _mk(stage, profile, params, root, deps=(), label="", ref=(None, None)) -> StagePlan:
     """One stage run. Its directory hashes the parameters, the profile values the stage reads
     (`stage_settings`) and the upstream runs (whose keys carry their own hashes) — not the profile's path:
     the same profile given by name, by path or as a copy is the same plan."""
@@ -217,7 +192,7 @@ def _mk(stage, profile, params, root, deps=(), label="", ref=(None, None), **out
     h = stable_hash({"profile": profile.name, "params": params, "settings": settings, "upstream": sorted(deps)})
     rd = Path(root) / profile.name / stage / h
     return StagePlan(stage, {"profile": ref[0] or profile.name, **params}, list(deps), label or stage, rd,
-                     {k: str(rd / v) for k, v in outputs.items()}, settings=settings, profile_text=ref[1])
+                     {k: str(rd / v) for k, v in STAGES[stage].outputs.items()}, settings=settings, profile_text=ref[1])
 
 def subject_for(profile: Profile, model: str, role: str, adapter=None, data="none", budget=0.0) -> dict:
     m = profile.models[model]
@@ -235,8 +210,7 @@ def plan(profile: Profile | str, root=None, teacher: bool | None = None) -> list
     add = lambda sp: (P.append(sp), sp)[1]
     ref = _profile_ref(prof, root)
     mk = functools.partial(_mk, ref=ref)
-    src = add(mk("sources", prof, {}, root, label="sources: load + clean imitation data",
-                  conversations="conversations.parquet"))
+    src = add(mk("sources", prof, {}, root, label="sources: load + clean imitation data"))
     # tokenizer-specific mixtures: the data-sweep base gets every budget, size-sweep bases the size budget
     budgets: dict[str, set] = {}
     budgets.setdefault(g.data_sweep.base, set()).update(g.data_sweep.budgets_m)
@@ -244,9 +218,8 @@ def plan(profile: Profile | str, root=None, teacher: bool | None = None) -> list
     mix = {}
     for base, bs in budgets.items():
         mix[base] = add(mk("mixtures", prof, {"base": base, "sources_dir": str(src.run_dir), "budgets_m": sorted(bs)},
-                            root, deps=[src.key], label=f"mixtures for {base}: budgets {sorted(bs)}M",
-                            heldout="heldout_prompts.jsonl"))
-    nq = add(mk("nq_synthetic", prof, {}, root, label="NQ-synthetic via the teacher", data="nq_synthetic.jsonl")) \
+                            root, deps=[src.key], label=f"mixtures for {base}: budgets {sorted(bs)}M"))
+    nq = add(mk("nq_synthetic", prof, {}, root, label="NQ-synthetic via the teacher")) \
         if g.data_sweep.nq_synthetic else None
     # fine-tuning: one run per base at its largest budget, saving every smaller budget on the way
     ft, adapters = {}, []   # adapters: (base, data, budget, plan, adapter_dir)
@@ -295,7 +268,7 @@ def plan(profile: Profile | str, root=None, teacher: bool | None = None) -> list
         if secondary and getattr(prof.section("generate"), "secondary_max_items", 0):
             gp["max_items"] = prof.section("generate").secondary_max_items    # judge and style follow the generations
         gen = add(mk("generate", prof, gp, root,
-                      deps=deps + [refs.key], label=f"answers to held-out prompts: {name}", generations="generations.jsonl"))
+                      deps=deps + [refs.key], label=f"answers to held-out prompts: {name}"))
         for st, lab in (("eval_judge", "judge vs teacher"), ("style", "style vs teacher")):
             add(mk(st, prof, {"subject": subj, "generations_file": gen.outputs["generations"],
                                "references_file": refs.outputs["heldout"]}, root, deps=[gen.key], label=f"{lab}: {name}"))
@@ -582,7 +555,7 @@ def selected_stages(P: list[StagePlan], only: str | None) -> set[str]:
     bad = []
     for s in (s for s in wanted if s not in stages):
         close = difflib.get_close_matches(s, stages, n=1)
-        bad.append(f"stage '{s}' is not in this plan" if s in STAGE_NOTEBOOKS else
+        bad.append(f"stage '{s}' is not in this plan" if s in STAGES else
                    f"unknown stage '{s}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
     if bad or not wanted:
         raise UserError(f"--only: {'; '.join(bad) or 'no stage named'}; the plan's stages: {', '.join(stages)}")
@@ -598,7 +571,7 @@ def run_plan(P: list[StagePlan], only: str | None = None, force: bool = False, p
     state = {}
     for sp in P:
         if sp.key not in selected: state[sp.key] = "skipped" if status(sp) != "done" else "done"
-        elif status(sp) == "done" and not force and sp.stage not in ALWAYS_RUN:
+        elif status(sp) == "done" and not force and not STAGES[sp.stage].always_run:
             state[sp.key] = "done"; log(f"[skip] {sp.label} (done: {sp.run_dir})")
         else: state[sp.key] = "todo"
     times, lock = {}, threading.Lock()
@@ -644,8 +617,10 @@ def reproduce_cli(
     parallel: int = None,  # stage runs at once (default: the profile's compute.parallel_stages)
     runs: str = None,  # runs root (default: runs/ or $IMITATION_NB_RUNS)
     no_teacher: bool = False,  # skip evaluating the teacher through the same code
+    allow_unsandboxed_code: bool = False,  # run HumanEval completions even where no sandbox is available (see 41_sandbox)
 ):
     "Run (or plan) a profile's grid: collect → fine-tune → evaluate → draw, each stage a papermill run."
+    if allow_unsandboxed_code: os.environ["IMITATION_NB_ALLOW_UNSANDBOXED_CODE"] = "1"   # the stage kernels inherit it
     prof = load_profile(profile)
     P = plan(prof, root=runs, teacher=False if no_teacher else None)
     selected_stages(P, only)

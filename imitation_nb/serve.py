@@ -283,7 +283,7 @@ def start_server(model: str, adapter: str | None = None, port: int | None = None
     for attempt in range(attempts):
         p = port or free_port(host)
         lp = Path(log_path) if log_path else Path(tempfile.mkdtemp(prefix="imitation_nb_serve_")) / "server.log"
-        args = [sys.executable, "-c", "import sys; from imitation_nb.core import main; sys.exit(main())", "serve", model,
+        args = [sys.executable, "-c", "import sys; from imitation_nb.cli import main; sys.exit(main())", "serve", model,
                 "--port", str(p), "--host", host, *(["--adapter", str(adapter)] if adapter else []),
                 *(["--served-name", served_name] if served_name else []), "--threads", str(threads), "--parent-pid", str(os.getpid()), *map(str, extra_args)]
         with open(lp, "ab") as f:

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args, env=None, check=True):
-    r = subprocess.run([sys.executable, "-c", "import sys; from imitation_nb.core import main; sys.exit(main())", *args],
+    r = subprocess.run([sys.executable, "-c", "import sys; from imitation_nb.cli import main; sys.exit(main())", *args],
                        cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
     if check and r.returncode != 0: raise AssertionError(f"exit {r.returncode}\n{r.stdout}\n{r.stderr}")
     return r
@@ -155,8 +155,8 @@ def test_bad_profiles_print_one_line_exit_2_and_a_traceback_only_with_debug(tmp_
 
 
 def test_unexpected_errors_keep_their_traceback():
-    r = subprocess.run([sys.executable, "-c", "import sys; from imitation_nb import core; core.list_profiles = lambda: 1 / 0; "
-                        "sys.exit(core.main(['profiles']))"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-c", "import sys; from imitation_nb import cli; cli.list_profiles = lambda: 1 / 0; "
+                        "sys.exit(cli.main(['profiles']))"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr and "ZeroDivisionError" in r.stderr
 
 

@@ -360,7 +360,7 @@ def test_study_is_seeded_and_blinded(tmp_path):
 # -------------------------------------------------------------------------------------------------- CLI
 def test_rate_cli_serves_on_loopback(study10, tmp_path):
     with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from imitation_nb.core import main; sys.exit(main())",
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from imitation_nb.cli import main; sys.exit(main())",
                              "rate", str(study10.dir), "--port", str(port), "--db", str(tmp_path / "cli.sqlite")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

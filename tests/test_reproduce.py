@@ -12,7 +12,7 @@ FIXTURE_NB = "../tests/reproduce_fixtures/stage_fixture.ipynb"   # relative to n
 
 
 def cli(*args, check=True, env=None):
-    r = subprocess.run([sys.executable, "-c", "import sys; from imitation_nb.core import main; sys.exit(main())", *args],
+    r = subprocess.run([sys.executable, "-c", "import sys; from imitation_nb.cli import main; sys.exit(main())", *args],
                        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
     if check and r.returncode: raise AssertionError(r.stdout + r.stderr)
     return r
@@ -71,7 +71,8 @@ DRIVER = textwrap.dedent('''
     import sys, json
     from pathlib import Path
     from imitation_nb import reproduce as R
-    R.STAGE_NOTEBOOKS["fixture"] = {nb!r}
+    from imitation_nb import stages as S
+    S.STAGES["fixture"] = S.Stage("fixture", {nb!r}, "fixture:run_fixture", None)
     root = Path({root!r})
     def mk(name, value, deps=(), sleep=0.0, fail=False, upstream=None):
         params = {{"profile": "t", "value": value, "sleep_s": sleep, "fail": fail, "upstream": upstream}}
@@ -224,7 +225,8 @@ def test_the_same_profile_by_name_by_path_or_as_a_copy_is_the_same_plan(tmp_path
 
 
 def test_every_stage_declares_the_profile_keys_it_reads():
-    assert set(R.STAGE_READS) == set(R.STAGE_NOTEBOOKS)
+    from imitation_nb import stages as S
+    assert all(s.reads for s in S.STAGES.values())
     for name in core.list_profiles():
         prof = core.load_profile(name)
         for sp in R.plan(prof, root="/tmp/imitation_nb_settings"):
