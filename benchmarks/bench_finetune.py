@@ -49,12 +49,12 @@ def arm(kind: str, method: str, data: str, block: int, batch: int, steps: int, t
     import resource, torch
     torch.set_num_threads(threads)
     from imitation_nb.finetune import (FinetuneConfig, BlockCollator, build_model, encode_conversations,
-                                       load_conversations, pack_blocks, unpacked_rows, _count_params,
-                                       _make_trainer_cls)
+                                       pack_blocks, unpacked_rows, _count_params, _make_trainer_cls)
+    from imitation_nb.sources import read_conversations
     from imitation_nb.models import load_tokenizer
     from transformers import Trainer, TrainingArguments, TrainerCallback, DataCollatorForSeq2Seq
     tok = load_tokenizer(spec)
-    convs = load_conversations(data)
+    convs = read_conversations(data)
     enc = encode_conversations(tok, convs, TEMPLATES.get(spec))
     plain = kind == "naive" or not kernels      # the peft model as transformers and peft build it
     cfg = FinetuneConfig(method=method, block_size=block, per_device_batch_size=batch, lr=2e-4,
@@ -123,9 +123,9 @@ def main():
                                          a.loss_chunk, kernels=not plain)))
         return
     from imitation_nb.core import append_jsonl
-    from imitation_nb.finetune import sharegpt_sample
+    from imitation_nb.sources import sharegpt_wheel
     tmp = Path(tempfile.mkdtemp())
-    convs = sharegpt_sample(a.n_conv)
+    convs = sharegpt_wheel(a.n_conv)
     append_jsonl(tmp / "convs.jsonl", [dict(c, order=i) for i, c in enumerate(convs)])
     peak = gemm_peak(a.threads)
     print(f"fp32 GEMM 2048^2, {a.threads} threads: {peak / 1e9:.1f} GFLOP/s (median of 5)")

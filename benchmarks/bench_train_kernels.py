@@ -45,12 +45,13 @@ def main():
     from transformers import LlamaConfig
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-    from imitation_nb.finetune import encode_conversations, pack_blocks, sharegpt_sample, BlockCollator
+    from imitation_nb.finetune import encode_conversations, pack_blocks, BlockCollator
+    from imitation_nb.sources import sharegpt_wheel
     from imitation_nb.models import load_tokenizer
     from imitation_nb.train_kernels import (packed_sdpa_attention, packed_pieces, bernoulli_keep,
                                             fast_dropout_class, use_fast_dropout, use_fused_lora)
     tok = load_tokenizer("smollm2-135m-instruct")
-    enc = encode_conversations(tok, sharegpt_sample(300))
+    enc = encode_conversations(tok, sharegpt_wheel(300))
     rows = []
     print("| attention, forward + backward | block | pieces | transformers SDPA + mask ms | packed_sdpa ms | ratio | max abs diff |")
     print("|---|---|---|---|---|---|---|")

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal, Optional
 
+from .sources import read_records
 from starlette.requests import Request   # module level: FastAPI resolves the (postponed) annotation here
 
 from .core import (atomic_write_json, atomic_write_text, bootstrap_ci, figures_dir, file_sha256,
@@ -27,7 +28,7 @@ __all__ = ['DEFAULT_QUESTION', 'CHOICES', 'VERDICTS', 'SCORE', 'MTURK_COLUMNS', 
            'render_markdown', 'export_mturk', 'import_mturk', 'RatingsDB', 'SubmissionError', 'validate_submission',
            'make_app', 'serve_in_thread', 'rate_cli', 'latest_judgements', 'to_verdict', 'majority_verdict',
            'fleiss_kappa', 'krippendorff_alpha', 'cohen_kappa', 'gold_accuracy', 'aggregate', 'judge_agreement',
-           'result_rows', 'load_ratings', 'chromium_browser', 'capture_screenshot']
+           'result_rows', 'load_ratings', 'chromium_browser', 'capture_screenshot', 'run_eval_human']
 
 # %% ../nbs/50_eval_human.ipynb #b193473a
 DEFAULT_QUESTION = ("Read the user's instruction and the two answers. Which answer is better overall — more "
@@ -51,18 +52,6 @@ class EvalHumanConfig:
 CHOICES = ("A", "B", "equal")
 VERDICTS = ("model", "tie", "teacher")
 SCORE = {"teacher": -1, "tie": 0, "model": 1}   # ordinal scale used for split resolution and ordinal α
-
-def _read_records(path) -> list[dict]:
-    "Records of a JSONL or Parquet file."
-    path = Path(path)
-    if path.suffix == ".parquet":
-        import pandas as pd
-        df = pd.read_parquet(path)
-        recs = df.to_dict("records")
-        for r in recs:   # parquet gives numpy arrays for list columns
-            if "messages" in r and not isinstance(r["messages"], list): r["messages"] = list(r["messages"])
-        return recs
-    return read_jsonl(path, strict=True)
 
 def _record_text(r: dict, fields: tuple[str, ...]) -> tuple[str | None, str | None]:
     "(prompt, answer) of a record: `{id, prompt, <field>}` or a conversation `{id, messages}` (first user turn, first answer)."
@@ -92,8 +81,8 @@ def load_pairs(generations_file, references_file) -> list[dict]:
     Generations: `{"id", "prompt", "output"}`; references: `{"id", "prompt", "reference"}` (or `"output"`);
     either may instead be a conversation `{"id", "messages"}` (first user turn = prompt, next assistant turn =
     answer); JSONL or Parquet."""
-    gens = _by_id(_read_records(generations_file), ("output", "response"), generations_file)
-    refs = _by_id(_read_records(references_file), ("reference", "output"), references_file)
+    gens = _by_id(read_records(generations_file), ("output", "response"), generations_file)
+    refs = _by_id(read_records(references_file), ("reference", "output"), references_file)
     pairs, missing = [], []
     for k, r in refs.items():
         if k not in gens: missing.append(k); continue
@@ -858,3 +847,40 @@ def capture_screenshot(study, out_path=None, item_id: str | None = None, rater: 
             page.wait_for_selector("form.choices")
             page.screenshot(path=str(out_path), full_page=True)
     return out_path
+
+# %% ../nbs/50_eval_human.ipynb #0f462f72
+def run_eval_human(profile="smoke", run_dir=None, subject: dict | None = None, generations_file=None,
+                   references_file=None, ratings=None, judge_verdicts=None) -> Path:
+    "The `eval_human` stage (defaults: the fixtures of `tests/human_fixtures`). Returns the run directory."
+    import pandas as pd
+    from imitation_nb.core import StageRun, load_profile
+    prof = load_profile(profile)
+    cfg = prof.section("eval_human")
+    generations_file = generations_file or str(project_root() / "tests" / "human_fixtures" / "generations.jsonl")
+    references_file = references_file or str(project_root() / "tests" / "human_fixtures" / "references.jsonl")
+    params = {"generations_file": str(generations_file), "references_file": str(references_file), "subject": subject,
+              "ratings": ratings and str(ratings), "judge_verdicts": judge_verdicts and str(judge_verdicts),
+              "seed": prof.seed, "eval_human": vars(cfg)}
+    with StageRun("eval_human", params, profile=profile, run_dir=run_dir) as run:
+        run.add_input("generations", generations_file); run.add_input("references", references_file)
+        pairs = load_pairs(generations_file, references_file)
+        st = build_study(pairs, run.dir / "study", seed=prof.seed, n_items=cfg.n_items, n_gold=cfg.n_gold,
+                         question=cfg.question, ratings_per_item=cfg.ratings_per_item,
+                         sources={"generations": file_sha256(generations_file), "references": file_sha256(references_file)})
+        hits, tpl = export_mturk(st)
+        run.add_output("study", st.dir); run.add_output("mturk_hits", hits); run.add_output("mturk_template", tpl)
+        run.extra["study_id"] = st.study_id
+        if ratings:
+            run.add_input("ratings", ratings)
+            judge = None
+            if judge_verdicts: run.add_input("judge_verdicts", judge_verdicts); judge = read_jsonl(judge_verdicts, strict=True)
+            agg = aggregate(st, load_ratings(st, ratings), cfg.split_resolution, cfg.min_gold_accuracy, cfg.require_gold,
+                            cfg.n_boot, prof.seed, judge, cfg.ratings_per_item)
+            if agg["summary"]["n_items_below_target"]:
+                warnings.warn(f"{agg['summary']['n_items_below_target']} item(s) have fewer than {cfg.ratings_per_item} ratings")
+            atomic_write_json(run.dir / "summary.json", {"summary": agg["summary"], "judge": agg["judge"]})
+            atomic_write_text(run.dir / "items.csv", pd.DataFrame(agg["items"]).to_csv(index=False))
+            atomic_write_text(run.dir / "raters.csv", pd.DataFrame(agg["raters"]).to_csv(index=False))
+            for name in ("summary.json", "items.csv", "raters.csv"): run.add_output(name, run.dir / name)
+            run.add_results(result_rows(agg, subject, cfg.ratings_per_item))
+    return run.dir

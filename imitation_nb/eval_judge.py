@@ -22,7 +22,7 @@ from .core import (register_section, read_jsonl, append_jsonl, bootstrap_ci, pro
 __all__ = ['JUDGE_SYSTEM', 'JUDGE_USER', 'JUDGE_LETTER_SYSTEM', 'JUDGE_LETTER_ASK', 'VERDICT_NORMAL', 'SCORE', 'JudgeEvalConfig',
            'judge_messages', 'parse_verdict', 'model_outcome', 'combine_orders', 'client_chat_fn', 'judge_pairs',
            'length_controlled_rate', 'n_words', 'judge_summary', 'judge_rows', 'join_inputs', 'profile_judge',
-           'close_client', 'pair_stage_params', 'add_pair_inputs', 'run_judge_stage']
+           'close_client', 'pair_stage_params', 'add_pair_inputs', 'run_eval_judge']
 
 # %% ../nbs/46_eval_judge.ipynb #b85fa5a3
 @register_section("eval_judge")
@@ -286,7 +286,7 @@ def add_pair_inputs(run, generations_file, references_file):
     if generations_file: run.add_input("generations", generations_file)
     run.add_input("references", references_file)
 
-def run_judge_stage(profile: str, subject: dict, generations_file=None, references_file=None, run_dir=None,
+def run_eval_judge(profile: str, run_dir=None, subject: dict | None = None, generations_file=None, references_file=None,
                     chat_fn: Callable | None = None, judge_identity: str | None = None) -> Path:
     "The stage: join inputs, judge both orders (resumable), summarise, write rows stamped with the judge identity."
     from imitation_nb.core import load_profile, StageRun

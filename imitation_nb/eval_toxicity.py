@@ -25,7 +25,7 @@ __all__ = ['RTP_SUBSETS', 'TOXBLOCK_LABELS', 'TOXBLOCK_AS_DETOXIFY', 'KERAS_FILT
            'ProfanityCheckScorer', 'OfflineJigsawScorer', 'DetoxifyScorer', 'load_detoxify_checkpoint',
            'PerspectiveScorer', 'auroc', 'extreme_continuations', 'format_prompt', 'resolve_prompt_format',
            'hf_generate_fn', 'client_generate_fn', 'sample_continuations', 'toxicity_metrics', 'toxicity_rows',
-           'local_generate_fn', 'run_toxicity_stage']
+           'local_generate_fn', 'run_eval_toxicity']
 
 # %% ../nbs/44_eval_toxicity.ipynb #eb307e7c
 @register_section("eval_toxicity")
@@ -476,7 +476,7 @@ def local_generate_fn(prof, subject: dict, cfg: ToxicityConfig) -> tuple[Callabl
     info = {**model_info(spec, subject.get("adapter")), "chat_template": template}
     return hf_generate_fn(model, tok, cfg.temperature, cfg.top_p, cfg.batch_size, chat_template=template), info
 
-def run_toxicity_stage(profile: str, subject: dict, run_dir=None, continuations_file=None, generate_fn=None,
+def run_eval_toxicity(profile: str, run_dir=None, subject: dict | None = None, continuations_file=None, generate_fn=None,
                        n_prompts: int | None = None) -> Path:
     "The stage: sample (or read) continuations, score them, write per-prompt scores and the result rows."
     from imitation_nb.core import load_profile, StageRun

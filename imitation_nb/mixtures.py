@@ -17,15 +17,15 @@ import numpy as np
 
 from .core import (register_section, data_dir, atomic_write_text, atomic_write_json, atomic_write_bytes,
                                to_json, StageRun, run_dir_for, load_profile, is_done, proportion_row, stable_hash)
-from .sources import read_conversations, run_sources, sources_params, fast_langid, _LETTERS
+from .sources import read_conversations, read_records, run_sources, sources_params, fast_langid, _LETTERS
 
 # %% auto #0
 __all__ = ['EVAL_SETS', 'CHARS_PER_TOKEN', 'CATEGORIES', 'LABELERS', 'LABELER_EVALUATOR', 'MixturesConfig', 'parent_id',
            'split_heldout', 'words', 'NgramIndex', 'conv_text', 'decontaminate', 'bleu_filter', 'mix_order',
            'render_spans', 'tokenize_batch', 'split_exchanges', 'chunk_conversation', 'pre_chunks', 'tokenize_rows',
            'budget_cut', 'budget_name', 'heuristic_category', 'register_labeler', 'categorize', 'category_rows',
-           'write_rows', 'read_train', 'stats_table', 'load_base_tokenizer', 'profile_budgets', 'prepare_mixture',
-           'mixtures_params', 'run_mixtures']
+           'write_rows', 'stats_table', 'load_base_tokenizer', 'profile_budgets', 'prepare_mixture', 'mixtures_params',
+           'run_mixtures']
 
 # %% ../nbs/12_mixtures.ipynb #a75eed2f
 EVAL_SETS = ["nq_open", "triviaqa", "mmlu", "humaneval", "realtoxicityprompts", "koala", "heldout"]
@@ -429,11 +429,6 @@ def write_rows(rows: list[dict], path) -> Path:
                     "n_assistant_tokens": pa.array([r["n_assistant_tokens"] for r in rows], pa.int64())})
     buf = io.BytesIO(); pq.write_table(tbl, buf, compression="zstd")
     return atomic_write_bytes(path, buf.getvalue())
-
-def read_train(path) -> "pd.DataFrame":
-    "A `train_<budget>.parquet` as a DataFrame with `messages` decoded to lists."
-    import pandas as pd
-    df = pd.read_parquet(path); df["messages"] = df["messages"].map(json.loads); return df
 
 def stats_table(rows: list[dict], label: str) -> list[dict]:
     "Per source (and `all`): conversations, turns, tokens, assistant tokens, mean length, share of trained tokens."

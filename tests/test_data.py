@@ -4,6 +4,7 @@ import csv, gzip, json, os, random, re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -188,7 +189,7 @@ def test_nested_budgets_exact(tok, small_pool, tmp_path):
                            decontam_sets=["koala", "heldout"])   # all eval sets: test_step_decontaminate
     budgets = [0.02, 0.05, 0.1]
     s = M.prepare_mixture(convs, tok, budgets, cfg, seed=0, out_dir=tmp_path, queries=sample)
-    dfs = {b: M.read_train(tmp_path / f"train_{M.budget_name(b)}.parquet") for b in budgets}
+    dfs = {b: pd.DataFrame(S.read_records(tmp_path / f"train_{M.budget_name(b)}.parquet")) for b in budgets}
     assert set(dfs[0.02].id) < set(dfs[0.05].id) < set(dfs[0.1].id)
     for b in budgets:
         df = dfs[b]; a = int(df.n_assistant_tokens.sum())
@@ -200,7 +201,7 @@ def test_nested_budgets_exact(tok, small_pool, tmp_path):
     held = [json.loads(l) for l in (tmp_path / "heldout_prompts.jsonl").read_text().splitlines()]
     assert len(held) == 30 and all(h["prompt"] and h["reference"] and h["source"] == "sharegpt" for h in held)
     assert not {M.parent_id(h["id"]) for h in held} & {M.parent_id(i) for i in dfs[0.1].parent_id if "_" in i}
-    import pandas as pd
+
     st = pd.read_csv(tmp_path / "stats.csv")
     assert {"conversations", "turns", "tokens", "mean_tokens"} <= set(st.columns)
     b = pd.read_csv(tmp_path / "budgets.csv")
@@ -211,7 +212,7 @@ def test_nested_budgets_exact(tok, small_pool, tmp_path):
     assert len(ex) == 2 and all({"id", "source", "messages", "meta"} <= set(e) for e in ex)
     # same seed, same order; another seed, another order
     s2 = M.prepare_mixture(convs, tok, [0.02], cfg, seed=0, out_dir=tmp_path / "again", queries=sample)
-    assert list(M.read_train(tmp_path / "again/train_0.02M.parquet").id) == list(dfs[0.02].id)
+    assert list(pd.DataFrame(S.read_records(tmp_path / "again/train_0.02M.parquet")).id) == list(dfs[0.02].id)
 
 
 # ---------------------------------------------------------------- malformed-input corpus
@@ -439,7 +440,7 @@ def test_every_drop_traced_and_audit_adds_up(tmp_path, monkeypatch):
             "chat_jsonl": [str(d / "chat.jsonl")], "max_records": {}, "max_message_chars": 2000}
     with pytest.warns(UserWarning, match="empty.json is empty"):
         rd = S.run_sources("smoke", overrides=over)
-    import pandas as pd
+
     fa = pd.read_csv(rd / "audit_files.csv").set_index("file")
     dropped = [json.loads(l) for l in (rd / "dropped.jsonl").read_text().splitlines()]
     errors = [json.loads(l) for l in (rd / "errors.jsonl").read_text().splitlines()]
@@ -516,7 +517,7 @@ def test_text_that_is_not_unicode_is_a_named_error_not_a_crash(tmp_path):
 def test_sources_stage_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("IMITATION_NB_RUNS", str(tmp_path))
     d = S.run_sources("smoke", overrides={"max_records": {"sharegpt": 300}})
-    import pandas as pd
+
     audit = pd.read_csv(d / "audit.csv")
     assert {"sharegpt", "hc3", "discord"} <= set(audit.source)
     assert set(audit.step) >= {"parse", "roles", "html", "turns", "language", "dedup", "near_dup"}

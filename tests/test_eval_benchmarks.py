@@ -278,14 +278,14 @@ def test_generate_to_file_resumes(gen, tmp_path):
 
 def test_generate_stage_sends_held_out_prompts_as_chat_turns(tmp_path):
     "Held-out prompts are user turns: the stage renders them through the chat template (a raw string made the instruct model end at once)."
-    from imitation_nb.generate import run_generate_stage
+    from imitation_nb.generate import run_generate
     from imitation_nb.core import read_jsonl, append_jsonl
     prompts = tmp_path / "heldout_prompts.jsonl"
     append_jsonl(prompts, [{"id": "p0", "prompt": "Help me design an aesthetic and comfortable living room.", "reference": "Sure."}])
     subj = {"model": "smollm2-135m", "adapter": None, "role": "base", "model_family": "SmolLM2", "base_params_b": 0.135,
             "imitation_data": "none", "data_tokens_m": 0.0, "label": "SmolLM2-135M"}
-    out = run_generate_stage("smoke", tmp_path / "run", subj, prompts)
-    rec = read_jsonl(out)[0]
+    out = run_generate("smoke", tmp_path / "run", subj, prompts)
+    rec = read_jsonl(out / "generations.jsonl")[0]
     assert rec["prompt"].startswith("<|im_start|>") and rec["prompt"].rstrip().endswith("<|im_start|>assistant")
     assert "living room" in rec["prompt"] and rec["output"].strip() and rec["n_new_tokens"] > 5
 

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from imitation_nb import core, figures as F
+from imitation_nb.sources import read_conversations
 
 ROOT = Path(__file__).resolve().parents[1]
 CSV = pd.read_csv(ROOT / "data" / "paper" / "reported_results.csv")
@@ -415,7 +416,7 @@ def test_fig2_fig6_inputs_found_in_runs():
     assert list(df.text) == ["A ChatGPT answer.", "Imitation fixture answer."] and df["query"][0] == "What is a fixture in testing?"
     conv = F.find_conversations("mini")
     assert conv.name == "conversations.parquet"
-    recs = F.read_conversations(conv)
+    recs = read_conversations(conv)
     assert recs[0]["messages"][0]["role"] == "user" and recs[0]["meta"] == {"line": 0}
 
 def test_committed_figures_hold_no_fixture_numbers():

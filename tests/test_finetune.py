@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from imitation_nb.core import append_jsonl
-from imitation_nb.finetune import (MaskingAuditError, audit_masking, finetune, heldout_loss, load_conversations,
-                                   merge_adapter, sharegpt_sample)
+from imitation_nb.finetune import MaskingAuditError, audit_masking, finetune, heldout_loss, merge_adapter
+from imitation_nb.sources import read_conversations, sharegpt_wheel
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = "smollm2-135m-instruct"
@@ -30,9 +30,9 @@ BROKEN_DROP = ("{% for message in messages %}{% if message['role'] == 'assistant
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("ftdata")
-    train = [dict(c, order=i) for i, c in enumerate(sharegpt_sample(40, max_chars=2500))]
+    train = [dict(c, order=i) for i, c in enumerate(sharegpt_wheel(40, max_chars=2500))]
     append_jsonl(d / "train.jsonl", train)
-    append_jsonl(d / "heldout.jsonl", sharegpt_sample(6, skip=300, max_chars=1500))
+    append_jsonl(d / "heldout.jsonl", sharegpt_wheel(6, skip=300, max_chars=1500))
     return d
 
 
@@ -46,7 +46,7 @@ def tiny_cfg(**kw):
 
 def test_masking_audit_real_templates_pass_broken_fail():
     from imitation_nb.models import load_tokenizer
-    convs = sharegpt_sample(5)
+    convs = sharegpt_wheel(5)
     tok = load_tokenizer(SPEC)
     st = audit_masking(tok, convs, None, n=5)
     assert st["ok"] and st["assistant_tokens"] > 200
@@ -88,7 +88,7 @@ def test_trainer_kernels_keep_the_loss_and_gradients_on_real_packed_blocks():
     from imitation_nb.models import load_tokenizer
     from imitation_nb.train_kernels import QUERY_CHUNK, fused_lora_forward, packed_pieces
     tok = load_tokenizer(SPEC)
-    blocks = pack_blocks(encode_conversations(tok, sharegpt_sample(12, max_chars=2500)), 512, pad_id=tok.pad_token_id)
+    blocks = pack_blocks(encode_conversations(tok, sharegpt_wheel(12, max_chars=2500)), 512, pad_id=tok.pad_token_id)
     multi = [b for b in blocks if b["n_docs"] > 1][:2]
     assert len(multi) == 2                  # the comparison covers blocks holding several conversations ...
     longest = max(max(e - s for s, e in packed_pieces(torch.tensor([b["position_ids"]]))[0]) for b in multi)
@@ -135,7 +135,7 @@ def test_fused_lora_on_a_real_4bit_base_matches_peft():
     from imitation_nb.models import load_tokenizer
     from imitation_nb.train_kernels import fused_lora_forward
     tok = load_tokenizer(SPEC)
-    e = encode_conversations(tok, sharegpt_sample(4, max_chars=1500))[0]
+    e = encode_conversations(tok, sharegpt_wheel(4, max_chars=1500))[0]
     n = min(192, len(e["input_ids"]))
     batch = {"input_ids": torch.tensor([e["input_ids"][:n]]), "labels": torch.tensor([e["labels"][:n]])}
     assert (batch["labels"] != -100).sum() > 20
@@ -168,7 +168,7 @@ def test_packed_attention_keeps_gemma3_sliding_windows_on_real_conversations():
     from imitation_nb.train_kernels import register_packed_attention
     register_packed_attention()
     tok = load_tokenizer("gemma3-270m")
-    enc = encode_conversations(tok, sharegpt_sample(60), "gemma3-plain")
+    enc = encode_conversations(tok, sharegpt_wheel(60), "gemma3-plain")
     m = load_model("gemma3-270m", dtype="float32")
     window = m.config.sliding_window
     long = next(e["input_ids"][:window + 200] for e in enc if len(e["input_ids"]) > window + 200)
@@ -200,7 +200,7 @@ def test_smoke_qlora_trained_loss_falls_and_adapter_reloads(data, tmp_path):
     from imitation_nb.models import load_model, load_tokenizer
     out = tmp_path / "run"
     seen = tmp_path / "seen.jsonl"
-    append_jsonl(seen, load_conversations(data / "train.jsonl", 3))       # the first trained conversations
+    append_jsonl(seen, read_conversations(data / "train.jsonl", 3))       # the first trained conversations
     s = finetune(SPEC, data / "train.jsonl", tiny_cfg(method="qlora", block_size=128, per_device_batch_size=2,
                                                        max_steps=12, lr=1e-3, save_steps=6, heldout_max_examples=3,
                                                        heldout_max_length=128, max_train_conversations=40),
@@ -217,7 +217,7 @@ def test_smoke_qlora_trained_loss_falls_and_adapter_reloads(data, tmp_path):
     # the saved adapter reloads (on a freshly quantized base) with identical logits -> identical loss
     tok = load_tokenizer(SPEC)
     m = load_model(SPEC, quantization="nf4", adapter=str(out / "adapter"))
-    again = heldout_loss(m, tok, load_conversations(seen, 3), None, 128)
+    again = heldout_loss(m, tok, read_conversations(seen, 3), None, 128)
     assert abs(again["loss"] - a["loss"]) < 1e-5, (again["loss"], a["loss"])
 
 
@@ -263,7 +263,7 @@ def test_nested_budget_adapter_equals_a_run_on_the_prefix(tmp_path):
     from safetensors.torch import load_file
     from imitation_nb.finetune import encode_conversations
     from imitation_nb.models import load_tokenizer
-    convs = [dict(c, order=i) for i, c in enumerate(sharegpt_sample(3, max_chars=500))]
+    convs = [dict(c, order=i) for i, c in enumerate(sharegpt_wheel(3, max_chars=500))]
     append_jsonl(tmp_path / "all.jsonl", convs)
     append_jsonl(tmp_path / "prefix.jsonl", convs[:2])
     cfg = tiny_cfg(max_steps=-1, max_train_conversations=0, block_size=96, per_device_batch_size=2)
@@ -332,7 +332,7 @@ def test_the_smallest_nested_budget_is_not_all_warmup(tmp_path):
     from safetensors.torch import load_file
     from imitation_nb.finetune import encode_conversations
     from imitation_nb.models import load_tokenizer
-    convs = [dict(c, order=i) for i, c in enumerate(sharegpt_sample(4, max_chars=400))]
+    convs = [dict(c, order=i) for i, c in enumerate(sharegpt_wheel(4, max_chars=400))]
     append_jsonl(tmp_path / "all.jsonl", convs)
     enc = encode_conversations(load_tokenizer(SPEC), convs)
     b = enc[0]["n_trained"] / 1e6                       # the first conversation only

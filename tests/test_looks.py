@@ -219,27 +219,27 @@ def test_pairwise_stages_check_inputs_and_record_them(tmp_path):
     "eval_judge and style share input checks and manifest inputs; both run on real files with a scripted judge."
     import json as _json
     from imitation_nb import core
-    from imitation_nb.eval_judge import run_judge_stage
-    from imitation_nb.style import run_style_stage
+    from imitation_nb.eval_judge import run_eval_judge
+    from imitation_nb.style import run_style
     prompts = ["List three prime numbers.", "What is the capital of France?", "Explain recursion briefly."]
     refs, gens = tmp_path / "refs.jsonl", tmp_path / "gens.jsonl"
     core.append_jsonl(refs, [{"id": f"p{i}", "prompt": p, "reference": f"Here is an answer.\n\n1. one\n2. two\n\nIn summary, {p}"}
                              for i, p in enumerate(prompts)])
     core.append_jsonl(gens, [{"id": f"p{i}", "prompt": p, "output": f"- a\n- b\n\nIn summary, {p}"} for i, p in enumerate(prompts)])
     subj = {"model": "smollm2-135m", "role": "imitation", "imitation_data": "ShareGPT-Mix", "data_tokens_m": 0.008}
-    for run in (run_judge_stage, run_style_stage):
-        stage = "eval_judge" if run is run_judge_stage else "style"
+    for run in (run_eval_judge, run_style):
+        stage = "eval_judge" if run is run_eval_judge else "style"
         with pytest.raises(ValueError, match=f"{stage} needs references_file"):
-            run("smoke", subj, generations_file=gens, references_file=None, run_dir=tmp_path / f"{stage}-x")
+            run("smoke", tmp_path / f"{stage}-x", subj, generations_file=gens, references_file=None)
         with pytest.raises(ValueError, match=f"{stage} needs generations_file"):
-            run("smoke", subj, generations_file=None, references_file=refs, run_dir=tmp_path / f"{stage}-y")
+            run("smoke", tmp_path / f"{stage}-y", subj, generations_file=None, references_file=refs)
     # a judge that always prefers the first answer shown: the both-orders rule turns that into ties
     first = lambda msgs: ["[[A]]" if "[[A]]" in _json.dumps(m) else "A" for m in msgs]
-    d = run_judge_stage("smoke", subj, gens, refs, run_dir=tmp_path / "judge", chat_fn=first, judge_identity="scripted")
+    d = run_eval_judge("smoke", tmp_path / "judge", subj, gens, refs, chat_fn=first, judge_identity="scripted")
     m = core.read_manifest(d)
     assert m["status"] == "done" and set(m["inputs"]) == {"generations", "references"}
     assert m["params"]["generations_file"] == str(gens) and m["inputs"]["references"]["sha256"] == core.file_sha256(refs)
-    d = run_style_stage("smoke", subj, gens, refs, run_dir=tmp_path / "style", chat_fn=lambda msgs: ["Yes"] * len(msgs),
+    d = run_style("smoke", tmp_path / "style", subj, gens, refs, chat_fn=lambda msgs: ["Yes"] * len(msgs),
                         judge_identity="scripted")
     m = core.read_manifest(d)
     assert m["status"] == "done" and set(m["inputs"]) == {"generations", "references"}

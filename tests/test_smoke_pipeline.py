@@ -17,7 +17,7 @@ def smoke_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("smoke")
     env = {**os.environ, "IMITATION_NB_FIGURES": str(tmp / "figures"), "HF_HUB_OFFLINE": "1"}
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-c", "import sys; from imitation_nb.core import main; sys.exit(main())",
+    r = subprocess.run([sys.executable, "-c", "import sys; from imitation_nb.cli import main; sys.exit(main())",
                         "reproduce", "--profile", "smoke", "--runs", str(tmp / "runs")],
                        cwd=ROOT, capture_output=True, text=True, env=env, timeout=3600)
     print(r.stdout[-6000:], r.stderr[-3000:])
@@ -66,3 +66,28 @@ def test_smoke_figures_and_report(smoke_run):
         for ext in ("md", "tex", "csv"): assert (fig / f"{stem}.{ext}").exists(), stem + ext
     rep = (fig / "README.md").read_text()
     assert "smoke/" in rep                         # lists source run ids of the reproduction
+
+
+REFERENCE = ROOT / "tests" / "reference" / "smoke_results.csv"
+KEY = ["stage", "model", "role", "metric_key", "panel", "imitation_data", "data_tokens_m", "evaluator"]
+NUMBERS = ["value", "n", "std", "ci_low", "ci_high"]
+
+
+def test_smoke_rows_equal_the_reference(smoke_run):
+    """Every result row of the reference smoke run (tests/reference/smoke_results.csv, written from the smoke grid of
+    commit c996318, before the #19 redesign) is reproduced with the same numbers: refactoring changes no result.
+    A deliberate change of the smoke profile or of a metric rewrites the reference (see tests/reference/README.md)."""
+    import numpy as np, pandas as pd
+    tmp, r, _ = smoke_run
+    ref = pd.read_csv(REFERENCE, dtype={"panel": str, "note": str})
+    got = core.load_results(tmp / "runs", include_paper=False)
+    for df in (ref, got):
+        for c in KEY: df[c] = df[c].astype(str)
+    m = ref.merge(got, on=KEY, how="left", suffixes=("_ref", ""), indicator=True)
+    missing = m[m["_merge"] != "both"]
+    assert missing.empty, missing[KEY].to_string()
+    assert len(m) == len(ref), "a reference row matched several rows"
+    for c in NUMBERS:
+        a, b = m[f"{c}_ref"].astype(float).to_numpy(), m[c].astype(float).to_numpy()
+        same = np.isclose(a, b, rtol=1e-9, atol=1e-12) | (np.isnan(a) & np.isnan(b))
+        assert same.all(), m.loc[~same, KEY + [f"{c}_ref", c]].to_string()

@@ -37,8 +37,8 @@ def _cache_keys(path) -> set:
 
 def _collector_cmd(run_dir, teacher: dict, nq: dict):
     code = ("import json, sys, logging; logging.basicConfig(level=logging.WARNING)\n"
-            "from imitation_nb.nq_synthetic import run_stage\n"
-            f"run_stage('smoke', {str(run_dir)!r}, teacher=json.loads({json.dumps(teacher)!r}), nq=json.loads({json.dumps(nq)!r}))\n")
+            "from imitation_nb.nq_synthetic import run_nq_synthetic\n"
+            f"run_nq_synthetic('smoke', {str(run_dir)!r}, teacher=json.loads({json.dumps(teacher)!r}), nq=json.loads({json.dumps(nq)!r}))\n")
     return [sys.executable, "-c", code]
 
 
@@ -68,10 +68,10 @@ def server():
 # --------------------------------------------------------------------------------------------------------
 def test_replay_from_committed_cache_without_server(tmp_path):
     "The smoke NQ-synthetic stage replays fully offline from the committed recording: no server at all."
-    from imitation_nb.nq_synthetic import run_stage, stage_configs
+    from imitation_nb.nq_synthetic import run_nq_synthetic, stage_configs
     assert COMMITTED_CACHE.exists() and COMMITTED_CACHE.stat().st_size < 2_000_000
     before = COMMITTED_CACHE.read_bytes()
-    run = run_stage("smoke", tmp_path / "run", teacher={"offline": True, "local_server": None,
+    run = run_nq_synthetic("smoke", tmp_path / "run", teacher={"offline": True, "local_server": None,
                                                        "base_url": "http://127.0.0.1:9/v1",
                                                        "cache_path": str(tmp_path / "rw.sqlite")}, progress=None)
     recs, audit = _check_output(run)
@@ -86,7 +86,7 @@ def test_replay_from_committed_cache_without_server(tmp_path):
     assert COMMITTED_CACHE.read_bytes() == before                       # the recording is never modified
     assert not Path(str(COMMITTED_CACHE) + "-wal").exists()
     # replay is deterministic: a second run writes the same file
-    run2 = run_stage("smoke", tmp_path / "run2", teacher={"offline": True, "local_server": None,
+    run2 = run_nq_synthetic("smoke", tmp_path / "run2", teacher={"offline": True, "local_server": None,
                                                          "cache_path": str(tmp_path / "rw2.sqlite")}, progress=None)
     assert (run2 / "nq_synthetic.jsonl").read_text() == (run / "nq_synthetic.jsonl").read_text()
 
@@ -200,7 +200,7 @@ def test_fault_injection_then_kill9_resume(server, tmp_path):
 @pytest.mark.slow
 def test_budget_stop_is_consistent_and_resumable(server, tmp_path):
     "A request budget stops the stage cleanly; the state is consistent; a rerun with more budget completes."
-    from imitation_nb.nq_synthetic import run_stage
+    from imitation_nb.nq_synthetic import run_nq_synthetic
     from imitation_nb.teacher import BudgetExhausted
     cache = tmp_path / "cache.sqlite"
     teacher = {"base_url": server.base_url, "local_server": None, "replay_paths": [], "cache_path": str(cache),
@@ -208,7 +208,7 @@ def test_budget_stop_is_consistent_and_resumable(server, tmp_path):
     nq = {"target_pairs": 1000, "max_calls": 4, "calls_per_round": 4, "max_tokens": 16}
     run = tmp_path / "run"
     with pytest.raises(BudgetExhausted):
-        run_stage("smoke", run, teacher=teacher, nq=nq, progress=None)
+        run_nq_synthetic("smoke", run, teacher=teacher, nq=nq, progress=None)
     m = read_manifest(run)
     assert m["status"] == "failed" and "BudgetExhausted" in m["error"]
     assert m["extra"]["teacher_stats"]["requests_sent"] == 2
@@ -216,7 +216,7 @@ def test_budget_stop_is_consistent_and_resumable(server, tmp_path):
     recs, audit = _check_output(run)
     assert audit["status"] == "budget_exhausted" and audit["calls"] == 2
     # resume with a larger budget: only the 2 missing calls are sent
-    run_stage("smoke", run, teacher=dict(teacher, budget={"max_requests": 10}), nq=nq, progress=None)
+    run_nq_synthetic("smoke", run, teacher=dict(teacher, budget={"max_requests": 10}), nq=nq, progress=None)
     m = read_manifest(run)
     assert m["status"] == "done" and m["extra"]["teacher_stats"]["requests_sent"] == 2
     assert m["extra"]["teacher_stats"]["cache_hits"] == 2
