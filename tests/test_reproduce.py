@@ -281,3 +281,35 @@ def test_an_unknown_stage_in_only_is_a_user_error(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "--only: unknown stage 'finetun' (did you mean 'finetune'?)" in r.stderr
     assert not (tmp_path / "runs").exists()
+
+
+# --- the plan of every shipped profile, pinned (issue #19: `plan` split into named helpers, same plan) ---------------
+PLANS = ROOT / "tests" / "reference" / "plans"
+PLAN_ROOT = "/tmp/imitation_nb_plan_snapshot"        # a fixed runs root: run dirs and the paths in params are under it
+
+
+def plan_snapshot(profile: str) -> list[dict]:
+    """Each stage run of `plan(profile)`, in order: its key (stage + run-dir hash) and a hash of its parameters, of its
+    upstream keys, outputs and label. Paths are written relative to the runs root and the project root."""
+    def norm(x): return json.loads(json.dumps(x, sort_keys=True, default=str).replace(PLAN_ROOT, "<runs>").replace(str(core.project_root()), "<project>"))
+    return [{"key": sp.key, "params": core.stable_hash(norm(sp.params)),
+             "rest": core.stable_hash(norm({"deps": sp.deps, "outputs": sp.outputs, "label": sp.label}))}
+            for sp in R.plan(profile, root=PLAN_ROOT)]
+
+
+@pytest.mark.parametrize("profile", ["smoke", "mini", "modern", "paper"])
+def test_the_plan_of_every_shipped_profile_is_unchanged(profile):
+    """Same stage runs, same parameters, same run dirs as the snapshot written before `plan` was split into helpers.
+    A change *meant* to change a plan (a profile, a data file it names, the planner) rewrites the snapshot:
+    `python tests/test_reproduce.py --write-plan-snapshots`, and says why in the commit."""
+    want = json.loads((PLANS / f"{profile}.json").read_text())
+    got = plan_snapshot(profile)
+    assert [r["key"] for r in got] == [r["key"] for r in want]
+    assert got == want
+
+
+if __name__ == "__main__" and "--write-plan-snapshots" in sys.argv:
+    PLANS.mkdir(parents=True, exist_ok=True)
+    for name in ("smoke", "mini", "modern", "paper"):
+        (PLANS / f"{name}.json").write_text(json.dumps(plan_snapshot(name), indent=1) + "\n")
+        print(name, len(plan_snapshot(name)), "stage runs")
