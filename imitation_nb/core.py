@@ -322,11 +322,14 @@ class Profile:
     def section(self, name: str):
         """The validated config of section `name` (its dataclass defaults when the profile omits it). The section's
         dataclass must be registered (importing its stage module does it); a mapping kept unvalidated at load
-        time is validated here, once."""
+        time is validated here, once. A value built by another class of the same section (a stage notebook run by
+        papermill defines its config class again, and the module's class may register after it) is rebuilt."""
         cls = section_schema(name)
         if cls is None: raise KeyError(f"{self.file}: no section '{name}' and no stage module registers it")
         v = self.sections.get(name, {})
-        if not isinstance(v, cls): v = self.sections[name] = build_dataclass(cls, v, name, self.file)
+        if not isinstance(v, cls):
+            data = dataclasses.asdict(v) if is_dataclass(v) else v
+            v = self.sections[name] = build_dataclass(cls, data, name, self.file)
         return v
 
     def to_dict(self) -> dict:

@@ -313,3 +313,18 @@ if __name__ == "__main__" and "--write-plan-snapshots" in sys.argv:
     for name in ("smoke", "mini", "modern", "paper"):
         (PLANS / f"{name}.json").write_text(json.dumps(plan_snapshot(name), indent=1) + "\n")
         print(name, len(plan_snapshot(name)), "stage runs")
+
+
+def test_stage_notebooks_that_define_their_config_class_again_run_through_papermill(tmp_path):
+    """The generate stage's notebook copy defines GenerateConfig again; a section built by one class and read after
+    the module's class registered must be rebuilt, not refused ('expected a mapping, got GenerateConfig')."""
+    prompts = tmp_path / "prompts.jsonl"
+    core.append_jsonl(prompts, [{"id": "p0", "prompt": "Name a prime number.", "reference": "7 is prime."}])
+    subj = {"model": "smollm2-135m", "adapter": None, "role": "base", "model_family": "SmolLM2", "base_params_b": 0.135,
+            "imitation_data": "none", "data_tokens_m": 0.0, "label": "SmolLM2-135M"}
+    prof = core.load_profile("smoke", overrides={"generate": {"max_new_tokens": 4}})
+    sp = R.stage_maker(prof, tmp_path / "runs")("generate", {"subject": subj, "prompts_file": str(prompts), "max_items": 1})
+    R.write_profile_snapshot(sp)
+    R.execute(sp)
+    recs = core.read_jsonl(sp.run_dir / "generations.jsonl")
+    assert core.read_manifest(sp.run_dir)["status"] == "done" and len(recs) == 1 and recs[0]["n_new_tokens"] >= 1
