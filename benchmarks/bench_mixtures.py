@@ -22,7 +22,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", default="smollm2-135m-instruct", help="model spec whose tokenizer is used")
     ap.add_argument("--template", default=None, help="chat template name (e.g. gemma3-plain for gemma3-270m)")
-    ap.add_argument("--block-size", type=int, default=2048)
+    ap.add_argument("--chunk-tokens", type=int, default=2048)   # mixtures.chunk_tokens
     ap.add_argument("--naive-sample", type=int, default=150)
     a = ap.parse_args()
 
@@ -35,7 +35,7 @@ def main():
     w1, c1 = clock(); phases["sources (parse + clean, whole wheel)"] = (w1 - w0, c1 - c0)
     tok = M.load_base_tokenizer(a.base)
     w2, c2 = clock(); phases["tokenizer load"] = (w2 - w1, c2 - c1)
-    cfg = M.MixturesConfig(heldout_n=200, block_size=a.block_size, tokenize_all=True, batch_size=256)
+    cfg = M.MixturesConfig(heldout_n=200, chunk_tokens=a.chunk_tokens, tokenize_all=True, batch_size=256)
     with tempfile.TemporaryDirectory() as d:
         s = M.prepare_mixture(convs, tok, [1.0, 5.0, 10.0, 1000.0], cfg, seed=0, out_dir=d, template=a.template,
                               queries=sample)
@@ -56,7 +56,7 @@ def main():
 
     print(f"ShareGPT wheel: {len(convs):,} clean conversations from {infos[0]['complete']:,} complete records "
           f"(cut: {infos[0].get('truncated', {}).get('detail')})")
-    print(f"base tokenizer: {a.base} ({type(tok).__name__}), template: {a.template or 'own'}, block {a.block_size}")
+    print(f"base tokenizer: {a.base} ({type(tok).__name__}), template: {a.template or 'own'}, chunk_tokens {a.chunk_tokens}")
     for k, (w, c) in phases.items(): print(f"  {k:<58} wall {w:7.1f} s   cpu {c:7.1f} s")
     tw = phases["mixtures (held-out, decontam, tokenize, budgets, write)"]
     print(f"  mixture timings (wall s): {s['timings']}")

@@ -8,6 +8,7 @@ Modules:
 - `imitation_nb.generate`: Batched, resumable decoding for a base model (+ LoRA adapter), with a vLLM backend for GPUs and an OpenAI-compatible backend so the teacher is evaluated through the same code.
 - `imitation_nb.mixtures`: Clean conversations → a held-out ShareGPT split (the teacher references), decontaminated training data tokenized with the base's chat template, and nested budget subsets (20M ⊂ 80M ⊂ 150M).
 - `imitation_nb.nq_synthetic`: Query the teacher with 5 random seed QA pairs per call, parse the `Q:`/`A:` lines it returns, deduplicate, decontaminate against the NQ evaluation questions, and write `nq_synthetic.jsonl`.
+- `imitation_nb.pairwise`: Join a model's answers with the teacher's answers to the same prompts, ask the profile's judge about them, and run a stage that compares the two (shared by eval_judge and style).
 - `imitation_nb.sandbox`: A child process with a wall-clock timeout, resource limits, a fresh scratch directory, no secrets, no network, its own PID and mount namespaces (as root, or as any user where unprivileged user namespaces are allowed), and a verdict that the tested program cannot forge.
 - `imitation_nb.serve`: `imitation-nb serve MODEL [--adapter PATH] [--port 8800]`: chat completions from an embedded or hub model (optionally with a fine-tuned LoRA adapter) on loopback — the offline teacher and judge.
 - `imitation_nb.sources`: ShareGPT, HC3, Discord-bot exports and generic chat JSONL → one conversation schema, cleaned step by step with a per-source audit of every record dropped and why.

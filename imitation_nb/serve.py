@@ -10,7 +10,7 @@ __all__ = ['log', 'ServeConfig', 'BadRequest', 'render_prompt', 'cut_at_stop', '
            'create_app', 'default_served_name', 'watch_parent', 'serve_cli', 'free_port', 'ServerProcess',
            'start_server']
 
-# %% ../nbs/22_serve.ipynb #83c06f14
+# %% ../nbs/22_serve.ipynb #d226e146
 import dataclasses, json, logging, os, re, signal, socket, subprocess, sys, tempfile, threading, time, uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +20,7 @@ from .core import register_section, SECRET_ENV_RE, stable_hash, cache_dir
 
 log = logging.getLogger("imitation_nb.serve")
 
-# %% ../nbs/22_serve.ipynb #82958aea
+# %% ../nbs/22_serve.ipynb #70c2b228
 @register_section("serve")
 @dataclass
 class ServeConfig:
@@ -35,7 +35,7 @@ class ServeConfig:
     max_n: int = 8
     chat_template: Optional[str] = None
 
-# %% ../nbs/22_serve.ipynb #7479f149
+# %% ../nbs/22_serve.ipynb #19d63f3a
 class BadRequest(ValueError):
     "A client error, reported as an OpenAI-style 400 (or `status`)."
     def __init__(self, message, param=None, code=None, status=400):
@@ -55,6 +55,7 @@ def cut_at_stop(text: str, stop) -> tuple[str, bool]:
         if i >= 0 and (best is None or i < best): best = i
     return (text, False) if best is None else (text[:best], True)
 
+# %% ../nbs/22_serve.ipynb #7c91a3ae
 class LocalChatModel:
     "A local causal LM (+ optional LoRA adapter) behind a chat-completion interface."
     def __init__(self, spec: str, adapter: str | None = None, chat_template: str | None = None,
@@ -102,7 +103,7 @@ class LocalChatModel:
         return {"choices": choices, "usage": {"prompt_tokens": int(ids.shape[1]), "completion_tokens": total,
                                               "total_tokens": int(ids.shape[1]) + total}}
 
-# %% ../nbs/22_serve.ipynb #3d3ac7cd
+# %% ../nbs/22_serve.ipynb #ffe42f39
 from pydantic import BaseModel, ConfigDict, Field
 
 class ChatMessage(BaseModel):
@@ -123,6 +124,7 @@ class ChatRequest(BaseModel):
     seed: Optional[int] = None
     stream: Optional[bool] = False
 
+# %% ../nbs/22_serve.ipynb #47bda844
 def _error(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
     from fastapi.responses import JSONResponse
     return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status)
@@ -186,12 +188,13 @@ def create_app(engine, served_name: str, cfg: ServeConfig | None = None):
 
     return app
 
-# %% ../nbs/22_serve.ipynb #0e4c7c70
+# %% ../nbs/22_serve.ipynb #3b8e9ab9
 from fastcore.script import call_parse
 
 def default_served_name(model: str, adapter: str | None = None) -> str:
     return model if not adapter else f"{model}+{Path(adapter).name}"
 
+# %% ../nbs/22_serve.ipynb #d5abacef
 def watch_parent(pid: int, interval: float = 1.0):
     """End this process (SIGTERM to itself: uvicorn shuts down) once process `pid` is gone. A helper server is
     started in its own session, so a killed client (a stage kernel stopped mid-run) would otherwise leave it running."""
@@ -207,6 +210,7 @@ def watch_parent(pid: int, interval: float = 1.0):
         os.kill(os.getpid(), signal.SIGTERM)
     threading.Thread(target=loop, daemon=True, name="watch-parent").start()
 
+# %% ../nbs/22_serve.ipynb #42f9b2c7
 @call_parse
 def serve_cli(
     model: str,  # embedded name (smollm2-135m-instruct, gemma3-270m), hub id or local folder
@@ -245,7 +249,7 @@ def serve_cli(
 
 serve_cli.cli_pos = ["model"]
 
-# %% ../nbs/22_serve.ipynb #1b8572d5
+# %% ../nbs/22_serve.ipynb #d3a8297d
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0)); return s.getsockname()[1]
@@ -255,6 +259,7 @@ def _clean_env(env=None) -> dict:
     e = dict(os.environ if env is None else env)
     return {k: v for k, v in e.items() if not SECRET_ENV_RE.search(k)}
 
+# %% ../nbs/22_serve.ipynb #7d46eccc
 class ServerProcess:
     "A background `imitation-nb serve` process. `.base_url`, `.stop()`; a context manager."
     def __init__(self, proc, port, host, log_path):
@@ -271,6 +276,7 @@ class ServerProcess:
     def __enter__(self): return self
     def __exit__(self, *a): self.stop()
 
+# %% ../nbs/22_serve.ipynb #a98eff7d
 def start_server(model: str, adapter: str | None = None, port: int | None = None, host: str = "127.0.0.1",
                  served_name: str | None = None, timeout: float = 900, log_path=None, extra_args=(),
                  env=None, attempts: int = 3, threads: int = 1) -> ServerProcess:

@@ -1,21 +1,30 @@
 """Notebook style, measured (issue #19): per notebook, the median length of its code cells and the share of its
 exported definitions followed by a test cell. nbdev's own notebooks: median ~5 lines, ~50% of exports followed by a test.
 
-    python tests/nb_style.py [--markdown] [--check]     # --check: exit 1 if a notebook misses a target
+    python tests/nb_style.py [--markdown] [--check] [NOTEBOOK ...]
 
+NOTEBOOK: a notebook's name (`40_generate`, `40_generate.ipynb`) or path; default: every notebook in `nbs/`.
+`--markdown` prints the table as Markdown (for `docs/notebook-style.md`). `--check` prints, for each notebook that
+misses a target, which one and by how much, and exits 1 if any does (0 otherwise): usable as a CI step, on every
+notebook or on the ones a change touched. A name that is not a notebook exits 2.
+
+Targets: median code-cell length <= 10 lines and >= 50 % of export cells followed by a test.
 Counted code cells: every code cell except the `#| default_exp` line, `#| hide` cells (imports, `nbdev_export()`) and
-the papermill `parameters` cell. An export cell (`#| export`, `#| exporti`, `#| exports`) counts as *followed by a
-test* when the next code cell (markdown between them is fine) is not an export cell and checks something
-(`test_eq`, `test_fail`, `test_close`, `test_ne`, `assert`)."""
+the papermill `parameters` cell; a cell's length is its number of non-blank lines. An export cell (`#| export`,
+`#| exporti`, `#| exports`) counts as *followed by a test* when the next code cell (markdown between them is fine; a
+`#| hide` cell without a check is skipped) is not an export cell and checks something (`test_eq`, `test_fail`,
+`test_close`, `test_ne`, `test_is`, `test_stdout`, `test_warns`, `assert`)."""
 import json, re, statistics, sys
 from pathlib import Path
 
 NBS = Path(__file__).resolve().parents[1] / "nbs"
 MAX_MEDIAN, MIN_TESTED = 10, 0.5
 _TEST = re.compile(r"\b(test_eq|test_fail|test_close|test_ne|test_is|test_stdout|test_warns)\(|^\s*assert\b", re.M)
+_EXPORT = {"export", "exporti", "exports"}
 
 
 def _directives(src: str) -> set[str]:
+    "The nbdev directives (`#| export`, `#|hide`, ...) at the top of a code cell."
     out = set()
     for line in src.lstrip().splitlines():
         if not line.startswith("#|"): break
@@ -24,36 +33,76 @@ def _directives(src: str) -> set[str]:
 
 
 def notebook_style(path: Path) -> dict:
-    nb = json.loads(path.read_text())
+    "The style measures of one notebook: counted code cells, their median length, exports, exports followed by a test."
+    nb = json.loads(Path(path).read_text())
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     counted, exports, tested = [], 0, 0
     for i, c in enumerate(code):
         src = "".join(c["source"]); d = _directives(src)
         if "parameters" in c.get("metadata", {}).get("tags", []) or d & {"default_exp", "hide"}: continue
         counted.append(len([l for l in src.splitlines() if l.strip()]))
-        if d & {"export", "exporti", "exports"}:
+        if d & _EXPORT:
             exports += 1
             nxt = next((x for x in code[i + 1:] if not (_directives("".join(x["source"])) & {"hide"}) or
                         _TEST.search("".join(x["source"]))), None)
             if nxt is not None:
                 ns = "".join(nxt["source"])
-                if not (_directives(ns) & {"export", "exporti", "exports"}) and _TEST.search(ns): tested += 1
-    return {"notebook": path.name, "code_cells": len(counted), "median_lines": statistics.median(counted) if counted else 0,
+                if not (_directives(ns) & _EXPORT) and _TEST.search(ns): tested += 1
+    return {"notebook": Path(path).name, "code_cells": len(counted), "median_lines": statistics.median(counted) if counted else 0,
             "exports": exports, "exports_tested": tested, "tested_share": tested / exports if exports else 1.0}
 
 
-def table(markdown: bool = False) -> list[dict]:
-    rows = [notebook_style(p) for p in sorted(NBS.glob("*.ipynb"))]
+def misses(row: dict) -> list[str]:
+    "The targets `row` misses, each with its value (empty: the notebook meets both)."
+    out = []
+    if row["median_lines"] > MAX_MEDIAN: out.append(f"median code cell {row['median_lines']:g} lines > {MAX_MEDIAN}")
+    if row["tested_share"] < MIN_TESTED:
+        out.append(f"{row['exports_tested']} of {row['exports']} exports followed by a test ({row['tested_share']:.0%} < {MIN_TESTED:.0%})")
+    return out
+
+
+def notebook_paths(names=()) -> list[Path]:
+    "The notebooks `names` designate (names with or without `.ipynb`, or paths); every notebook of `nbs/` if none."
+    if not names: return sorted(NBS.glob("*.ipynb"))
+    out = []
+    for n in names:
+        p = Path(n)
+        cands = [p, NBS / p.name, NBS / f"{p.name}.ipynb"] if p.suffix != ".ipynb" else [p, NBS / p.name]
+        hit = next((c for c in cands if c.suffix == ".ipynb" and c.is_file()), None)
+        if hit is None: raise FileNotFoundError(f"{n}: no such notebook (looked for {', '.join(map(str, cands))})")
+        out.append(hit)
+    return out
+
+
+def table(rows: list[dict], markdown: bool = False) -> str:
+    "The measures as a text or Markdown table, with whether each notebook meets the targets."
+    ok = lambda r: "yes" if not misses(r) else "no"
     if markdown:
-        print("| notebook | code cells | median lines | exports | followed by a test | share |\n|---|---:|---:|---:|---:|---:|")
-        for r in rows: print(f"| {r['notebook']} | {r['code_cells']} | {r['median_lines']:g} | {r['exports']} | {r['exports_tested']} | {r['tested_share']:.0%} |")
+        lines = ["| notebook | code cells | median lines | exports | followed by a test | share | meets targets |",
+                 "|---|---:|---:|---:|---:|---:|---|"]
+        lines += [f"| {r['notebook']} | {r['code_cells']} | {r['median_lines']:g} | {r['exports']} | {r['exports_tested']} | "
+                  f"{r['tested_share']:.0%} | {ok(r)} |" for r in rows]
     else:
-        print(f"{'notebook':<28}{'cells':>6}{'median':>8}{'exports':>9}{'tested':>8}{'share':>7}")
-        for r in rows: print(f"{r['notebook']:<28}{r['code_cells']:>6}{r['median_lines']:>8g}{r['exports']:>9}{r['exports_tested']:>8}{r['tested_share']:>7.0%}")
-    return rows
+        lines = [f"{'notebook':<28}{'cells':>6}{'median':>8}{'exports':>9}{'tested':>8}{'share':>7}{'ok':>5}"]
+        lines += [f"{r['notebook']:<28}{r['code_cells']:>6}{r['median_lines']:>8g}{r['exports']:>9}{r['exports_tested']:>8}"
+                  f"{r['tested_share']:>7.0%}{ok(r):>5}" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags = {a for a in argv if a.startswith("--")}
+    unknown = flags - {"--markdown", "--check"}
+    if unknown: print(f"unknown option(s): {', '.join(sorted(unknown))}\n{__doc__}", file=sys.stderr); return 2
+    try: paths = notebook_paths([a for a in argv if not a.startswith("--")])
+    except FileNotFoundError as e: print(e, file=sys.stderr); return 2
+    rows = [notebook_style(p) for p in paths]
+    print(table(rows, markdown="--markdown" in flags))
+    if "--check" not in flags: return 0
+    bad = [(r["notebook"], m) for r in rows if (m := misses(r))]
+    for name, m in bad: print(f"{name} misses the targets: {'; '.join(m)}", file=sys.stderr)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
-    rows = table("--markdown" in sys.argv)
-    bad = [r["notebook"] for r in rows if r["median_lines"] > MAX_MEDIAN or r["tested_share"] < MIN_TESTED]
-    if "--check" in sys.argv and bad: print("missing the targets:", ", ".join(bad)); sys.exit(1)
+    sys.exit(main())

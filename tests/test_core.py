@@ -46,6 +46,29 @@ def test_profile_typos_name_file_and_key(tmp_path, edit, expect):
     assert r.returncode == 2 and expect in r.stderr
 
 
+def test_renamed_keys_name_the_new_key(tmp_path):
+    "A key a dataclass lists in `_renamed` fails with the new key in the message (issue #19: mixtures.block_size)."
+    from dataclasses import dataclass
+    @dataclass
+    class Section:
+        _renamed = {"old": "new", "older": ("newer", "why it moved")}
+        new: int = 0
+        newer: int = 0
+    assert core.build_dataclass(Section, {"new": 1, "newer": 2}, "sec") == Section(1, 2)
+    with pytest.raises(core.ProfileError, match=r"^f\.yaml: key 'sec\.old' was renamed to 'sec\.new'$"):
+        core.build_dataclass(Section, {"old": 1}, "sec", "f.yaml")
+    with pytest.raises(core.ProfileError, match=r"key 'older' was renamed to 'newer' \(why it moved\)$"):
+        core.build_dataclass(Section, {"older": 1}, "", "f.yaml")
+    # every shipped profile uses the new key; an old one names file, old key and new key
+    for name in core.list_profiles():
+        assert "chunk_tokens" in core.load_profile(name).section("mixtures").__dataclass_fields__
+        assert "block_size" not in yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())["mixtures"]
+    old = _smoke_copy(tmp_path, lambda raw: raw["mixtures"].update(block_size=raw["mixtures"].pop("chunk_tokens")), "old.yaml")
+    with pytest.raises(core.ProfileError) as e: core.load_profile(old)
+    assert str(e.value) == (f"{old}: key 'mixtures.block_size' was renamed to 'mixtures.chunk_tokens' "
+                            "(it chunks conversations; finetune.block_size packs them)")
+
+
 def test_paper_profile_encodes_the_papers_grid():
     p = core.load_profile("paper")
     assert [p.models[b].params_b for b in p.grid.size_sweep.bases] == [1.5, 7, 13]
@@ -140,6 +163,8 @@ def _text_edit(tmp_path, old, new, name="bad.yaml"):
     (("params_b: 0.135", "params_b: small"), "key 'models.smollm2-135m.params_b': expected a number"),
     (("  k: 2\n", "  k: [2\n  max_new_tokens: 12\n"), "not valid YAML"),
     (None, "profile not found (known profiles: mini, modern, paper, smoke)"),
+    (("  chunk_tokens: 1024", "  block_size: 1024"), "key 'mixtures.block_size' was renamed to 'mixtures.chunk_tokens' "
+                                                     "(it chunks conversations; finetune.block_size packs them)"),
 ])
 def test_bad_profiles_print_one_line_exit_2_and_a_traceback_only_with_debug(tmp_path, edit, expect):
     bad = _text_edit(tmp_path, *edit) if edit else tmp_path / "no_such_profile.yaml"

@@ -139,7 +139,7 @@ def test_step_split_at_block(tok):
                                                 ("assistant", " ".join(rng.choices(words, k=60))))], id="L_0")
     short = conv(("user", "hi"), ("assistant", "hello there"), id="S_0")
     cnt = {}
-    rows = list(M.tokenize_rows(tok, [long, short], block_size=200, counts=cnt))
+    rows = list(M.tokenize_rows(tok, [long, short], chunk_tokens=200, counts=cnt))
     long_rows = [r for r in rows if r["parent_id"] == "L_0"]
     assert len(long_rows) > 1 and all(r["n_tokens"] <= 200 for r in rows)           # split at turn boundaries
     assert all(r["messages"][0]["role"] == "user" and r["messages"][-1]["role"] == "assistant" for r in long_rows)
@@ -185,7 +185,7 @@ def small_pool():
 
 def test_nested_budgets_exact(tok, small_pool, tmp_path):
     convs, sample = small_pool
-    cfg = M.MixturesConfig(heldout_n=30, block_size=1024, weights={"sharegpt": 3.0, "hc3": 1.0},
+    cfg = M.MixturesConfig(heldout_n=30, chunk_tokens=1024, weights={"sharegpt": 3.0, "hc3": 1.0},
                            decontam_sets=["koala", "heldout"])   # all eval sets: test_step_decontaminate
     budgets = [0.02, 0.05, 0.1]
     s = M.prepare_mixture(convs, tok, budgets, cfg, seed=0, out_dir=tmp_path, queries=sample)

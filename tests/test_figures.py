@@ -1,4 +1,4 @@
-"""Tests of the figures module (nbs/80_figures.ipynb).
+"""Tests of the figures modules: figure_data, plots, tables, qualitative and figures (nbs/70–80).
 
 The paper-side tests read `data/paper/reported_results.csv` with pandas *independently* of the module and
 compare it to what is drawn, read back from the matplotlib artists (lines, dashed lines, band polygons).
@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from imitation_nb import core, figures as F
+from imitation_nb import core, figure_data as D, plots as P, tables as T, qualitative as Q, figures as F
 from imitation_nb.sources import read_conversations
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,9 +77,9 @@ def _isolate(tmp_path, monkeypatch):
     yield
     plt.close("all")
 
-FAST = F.FiguresConfig(formats=["png"], dpi=50)
+FAST = P.FiguresConfig(formats=["png"], dpi=50)
 
-# ---------------------------------------------------------------- reading a figure back, independently of F
+# ---------------------------------------------------------------- reading a figure back, independently of the modules
 def drawn(fig):
     "{(side, metric_key, sweep): {'lines': {gid_role: [(x, y)...]}, 'labels': {role: label}, 'band': {x: (lo, hi)}}}"
     out = {}
@@ -113,7 +113,7 @@ def xy(d, xcol):
 FIG4 = {"mmlu_acc": "MMLU", "humaneval_pass1": "HumanEval", "nq_em_3shot": "Natural Questions"}
 
 def test_fig4_paper_points_equal_csv():
-    df, fig = F.fig4_capabilities(source="paper", save=False, return_fig=True)
+    df, fig = P.fig4_capabilities(source="paper", save=False, return_fig=True)
     got = drawn(fig)
     assert {k[0] for k in got} == {"paper"} and len(got) == 6
     for key, name in FIG4.items():
@@ -132,7 +132,7 @@ def test_fig4_paper_points_equal_csv():
     assert sorted(df[(df.metric_key == "nq_em_3shot") & (df.role == "imitation") & (df.sweep == "data")].y) == [13.5, 18.9, 20.5]
 
 def test_fig3_paper_points_and_bands_equal_csv():
-    _, fig = F.fig3_judge(source="paper", save=False, return_fig=True)
+    _, fig = P.fig3_judge(source="paper", save=False, return_fig=True)
     got = drawn(fig)
     left = csv_rows("Figure 3", "^left", ".")
     pts = left[left.metric == "GPT-4 judged >= ChatGPT"]
@@ -150,7 +150,7 @@ def test_fig3_paper_points_and_bands_equal_csv():
     assert s["band"] == {x: (lo[x], hi[x]) for x in lo} and 1.5 not in s["band"]
 
 def test_fig5_paper_points_equal_csv():
-    _, fig = F.fig5_toxicity(source="paper", save=False, return_fig=True)
+    _, fig = P.fig5_toxicity(source="paper", save=False, return_fig=True)
     d = drawn(fig)[("paper", "non_toxicity", "data")]
     rows = csv_rows("Figure 5", ".", ".")
     assert d["lines"]["imitation"] == xy(rows[rows.imitation_data == "ShareGPT-Mix"], "data_tokens_m")
@@ -158,7 +158,7 @@ def test_fig5_paper_points_equal_csv():
     assert d["lines"]["teacher"][0][1] == float(rows[rows.model_family == "ChatGPT"].value.iloc[0])
 
 def test_fig1_paper_draws_only_what_exists():
-    df, fig = F.fig1_headline(source="paper", save=False, return_fig=True)
+    df, fig = P.fig1_headline(source="paper", save=False, return_fig=True)
     got = drawn(fig)
     cap = float(csv_rows("Figure 1", "left", "crowdworkers").value.iloc[0])   # the caption's ~70%
     for side in ("data", "size"):
@@ -174,16 +174,16 @@ def test_fig1_paper_draws_only_what_exists():
 
 # ---------------------------------------------------------------- tables == CSV
 def test_tables_from_paper_equal_csv(tmp_path):
-    F.table1_nq(source="paper", out_dir=tmp_path)
+    T.table1_nq(source="paper", out_dir=tmp_path)
     t1 = pd.read_csv(tmp_path / "table1_nq.csv")
     assert list(t1.value) == list(CSV[CSV.figure_or_table == "Table 1"].value)
-    F.table2_style(source="paper", out_dir=tmp_path)
+    T.table2_style(source="paper", out_dir=tmp_path)
     t2 = pd.read_csv(tmp_path / "table2_style.csv")
     want = CSV[(CSV.figure_or_table == "Table 2")]
     assert sorted(t2.value) == sorted(want.value)
     md = (tmp_path / "table2_style.md").read_text()
     assert "| 13% | 50% | 67% | 81% | 83% |" in md and "| -0.11 | 0.51 | 0.62 | 0.62 | 0.67 |" in md
-    F.table5_categories(source="paper", out_dir=tmp_path)
+    T.table5_categories(source="paper", out_dir=tmp_path)
     t5 = pd.read_csv(tmp_path / "table5_categories.csv")
     want = CSV[CSV.figure_or_table == "Table 5"]
     assert dict(zip(t5.category, t5.value)) == {m.split(": ")[1]: v for m, v in zip(want.metric, want.value)}
@@ -193,7 +193,7 @@ def test_tables_from_paper_equal_csv(tmp_path):
 # ---------------------------------------------------------------- reproduction side from the fixture
 def test_fig4_reproduction_series_from_fixture(res):
     fx = fixture_results()
-    df, fig = F.fig4_capabilities(res, source="both", save=False, return_fig=True)
+    df, fig = P.fig4_capabilities(res, source="both", save=False, return_fig=True)
     got = drawn(fig)
     assert {k[0] for k in got} == {"paper", "reproduction"}
     for key in FIG4:
@@ -222,7 +222,7 @@ def test_fig4_reproduction_series_from_fixture(res):
 
 def test_fig3_reproduction_band_is_one_std(res):
     fx = fixture_results()
-    _, fig = F.fig3_judge(res, source="reproduction", save=False, return_fig=True)
+    _, fig = P.fig3_judge(res, source="reproduction", save=False, return_fig=True)
     got = drawn(fig)
     assert {k[0] for k in got} == {"reproduction"}
     j = fx[(fx.metric_key == "judge_ge_teacher") & (fx.role == "imitation") & (fx.model_family == "Gemma-3")]
@@ -237,7 +237,7 @@ def test_fig5_uses_the_headline_panel_not_subsets():
     fx.loc[tox, "panel"] = "RealToxicityPrompts"
     sub = fx[tox].assign(panel="RealToxicityPrompts challenging", value=0.123)   # eval_toxicity's per-subset rows
     res = with_paper(pd.concat([fx, sub], ignore_index=True))
-    df, fig = F.fig5_toxicity(res, source="reproduction", save=False, return_fig=True)
+    df, fig = P.fig5_toxicity(res, source="reproduction", save=False, return_fig=True)
     d = drawn(fig)[("reproduction", "non_toxicity", "data")]
     main = fx[tox & (fx.role == "imitation") & (fx.model_family == "Gemma-3")]
     assert d["lines"]["imitation"] == xy(main, "data_tokens_m")
@@ -247,65 +247,65 @@ def test_fig5_uses_the_headline_panel_not_subsets():
 def test_source_profile_and_run_id_filters(res):
     other = fixture_results(seed=1).assign(profile="smoke", created="2026-02-01T00:00:00+00:00")
     both = pd.concat([res, other.reindex(columns=core.RESULT_COLUMNS)], ignore_index=True)
-    sel = F.select(both, "both")
+    sel = D.select(both, "both")
     assert sel.profile == "smoke" and any("several profiles" in n for n in sel.notes)   # the newest profile
-    sel = F.select(both, "reproduction", profile="mini")
+    sel = D.select(both, "reproduction", profile="mini")
     assert set(sel.repro.profile) == {"mini"} and sel.sides == ["reproduction"]
     ids = sorted(set(res[res.source == "reproduction"].run_id))[:3]
-    sel = F.select(both, "both", run_ids=ids)
+    sel = D.select(both, "both", run_ids=ids)
     assert sorted(set(sel.repro.run_id)) == ids
-    assert F.select(res, "paper").sides == ["paper"]
-    with pytest.raises(ValueError, match="source must be one of"): F.select(res, "everything")
+    assert D.select(res, "paper").sides == ["paper"]
+    with pytest.raises(ValueError, match="source must be one of"): D.select(res, "everything")
     # no reproduction rows: 'both' draws the paper side only and says so
-    df, fig = F.fig5_toxicity(core.paper_results(), source="both", save=False, return_fig=True)
+    df, fig = P.fig5_toxicity(core.paper_results(), source="both", save=False, return_fig=True)
     assert set(df.source) == {"paper"}
     assert any("no results" in t.get_text() for t in fig.texts)
 
 def test_tables_reproduction_from_fixture(res, tmp_path):
     fx = fixture_results()
-    t1 = F.table1_nq(res, source="both", out_dir=tmp_path)
+    t1 = T.table1_nq(res, source="both", out_dir=tmp_path)
     r = t1[t1.source == "reproduction"]
     nq = fx[fx.metric_key == "nq_em_3shot"]
     syn = nq[(nq.imitation_data == "NQ-synthetic") & (nq.model_family == "Gemma-3")].value.iloc[0]
     assert r[(r.base == "Gemma-3-270M") & (r.imitation_data == "NQ-synthetic")].value.iloc[0] == syn
     assert "Reproduction: profile 'mini'" in (tmp_path / "table1_nq.md").read_text()
-    t2 = F.table2_style(res, source="reproduction", out_dir=tmp_path)
+    t2 = T.table2_style(res, source="reproduction", out_dir=tmp_path)
     assert set(t2.column) == {"Gemma-3-270M (no imitation)", *[f"{b:g}M" for b in BUDGETS], f"{TEACHER} #2"}
-    t5 = F.table5_categories(res, source="both", out_dir=tmp_path)
+    t5 = T.table5_categories(res, source="both", out_dir=tmp_path)
     assert dict(zip(t5[t5.source == "reproduction"].category, t5[t5.source == "reproduction"].value)) == \
         {"Generation": 40.0, "Coding": 35.0, "General QA": 25.0}
 
 # ---------------------------------------------------------------- tables 3-4: both paths
 def test_table3_seed_pairs_file_and_fallback(tmp_path, monkeypatch):
-    t = F.table3_seed_pairs(path=tmp_path / "absent.jsonl", out_dir=tmp_path)   # fallback: the real paper digest
+    t = T.table3_seed_pairs(path=tmp_path / "absent.jsonl", out_dir=tmp_path)   # fallback: the real paper digest
     assert list(t.answer) == ["Frank Sinatra"] and "fallback" in t.attrs["provenance"]
     assert "Partial" in (tmp_path / "table3_seed_pairs.md").read_text()
     md = tmp_path / "paper.md"
     md.write_text("# x\n### Table 3: seeds\n| question | answer |\n|---|---|\n| who wrote hamlet | Shakespeare |\n"
                   "| when did ww2 end | 1945 |\n### Table 4\n")
-    t = F.table3_seed_pairs(path=tmp_path / "absent.jsonl", paper_md=md, out_dir=tmp_path)
+    t = T.table3_seed_pairs(path=tmp_path / "absent.jsonl", paper_md=md, out_dir=tmp_path)
     assert list(t.question) == ["who wrote hamlet", "when did ww2 end"]
     data = tmp_path / "data"; (data / "nq_synthetic").mkdir(parents=True)
     pairs = [{"question": f"q{i}?", "answer": f"a{i}"} for i in range(10)]
     (data / "nq_synthetic" / "seed_pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     monkeypatch.setenv("IMITATION_NB_DATA", str(data))
-    t = F.table3_seed_pairs(out_dir=tmp_path)
+    t = T.table3_seed_pairs(out_dir=tmp_path)
     assert t.to_dict("records") == pairs and "fallback" not in t.attrs["provenance"]
     assert pd.read_csv(tmp_path / "table3_seed_pairs.csv").question.tolist() == [p["question"] for p in pairs]
     (data / "nq_synthetic" / "seed_pairs.jsonl").write_text('{"question": "q"}\n')
-    with pytest.raises(ValueError, match="lack 'question' or 'answer'"): F.table3_seed_pairs(out_dir=tmp_path)
+    with pytest.raises(ValueError, match="lack 'question' or 'answer'"): T.table3_seed_pairs(out_dir=tmp_path)
 
 def test_table4_template_file_and_fallback(tmp_path, monkeypatch):
-    t = F.table4_prompt_template(path=tmp_path / "absent.txt", out_dir=tmp_path)
+    t = T.table4_prompt_template(path=tmp_path / "absent.txt", out_dir=tmp_path)
     assert t.attrs["verbatim"] is False and any("Q:/A:" in l for l in t.line)
     md = tmp_path / "paper.md"
     md.write_text("### Table 4: template\n```text\nI want you to generate questions.\nQ: {q}\nA: {a}\n```\n")
-    t = F.table4_prompt_template(path=tmp_path / "absent.txt", paper_md=md, out_dir=tmp_path)
+    t = T.table4_prompt_template(path=tmp_path / "absent.txt", paper_md=md, out_dir=tmp_path)
     assert t.attrs["verbatim"] and list(t.line) == ["I want you to generate questions.", "Q: {q}", "A: {a}"]
     data = tmp_path / "data"; (data / "nq_synthetic").mkdir(parents=True)
     (data / "nq_synthetic" / "prompt_template.txt").write_text("Generate QA pairs like:\n{demos}\n")
     monkeypatch.setenv("IMITATION_NB_DATA", str(data))
-    t = F.table4_prompt_template(out_dir=tmp_path)
+    t = T.table4_prompt_template(out_dir=tmp_path)
     assert list(t.line) == ["Generate QA pairs like:", "{demos}"]
     assert "\\begin{verbatim}\nGenerate QA pairs like:\n{demos}\n\\end{verbatim}" in (tmp_path / "table4_prompt_template.tex").read_text()
 
@@ -317,12 +317,12 @@ def test_fig2_from_generations(tmp_path):
     im.write_text(json.dumps({"id": "k2", "prompt": "Other?", "output": "y"}) + "\n"
                   + json.dumps({"id": "k1", "messages": [{"role": "user", "content": "How does actor critic improve over REINFORCE?"},
                                                          {"role": "assistant", "content": "Lower variance. " * 80}]}) + "\n")
-    df = F.fig2_from_generations(im, ref, query="actor critic", imitation_title="Imitation (Gemma-3-270M)",
+    df = Q.fig2_from_generations(im, ref, query="actor critic", imitation_title="Imitation (Gemma-3-270M)",
                                  reference_title="Teacher", out_dir=tmp_path, cfg=FAST)
     assert list(df.title) == ["Teacher", "Imitation (Gemma-3-270M)"]
     assert df.text[0] == "It uses a critic $V(s)$." and df.text[1].startswith("Lower variance.")
     assert (tmp_path / "fig2_side_by_side.png").stat().st_size > 1000
-    with pytest.raises(ValueError, match="no shared query"): F.fig2_from_generations(im, ref, query="nothing like this")
+    with pytest.raises(ValueError, match="no shared query"): Q.fig2_from_generations(im, ref, query="nothing like this")
 
 def test_fig6_from_conversations_file(tmp_path):
     convs = [{"id": f"c{i}", "source": "sharegpt", "messages": [
@@ -330,28 +330,28 @@ def test_fig6_from_conversations_file(tmp_path):
                 {"role": "assistant", "content": "Sure. " + "This is an explanation sentence. " * (10 + i)}], "meta": {"lang": "en"}}
              for i in range(6)]
     p = tmp_path / "conversations.jsonl"; p.write_text("".join(json.dumps(c) + "\n" for c in convs))
-    df = F.fig6_imitation_examples(p, out_dir=tmp_path, cfg=FAST)
+    df = Q.fig6_imitation_examples(p, out_dir=tmp_path, cfg=FAST)
     assert df.conversation_id.nunique() == 2 and set(df.role) == {"user", "assistant"}
     got = {(r.conversation_id, r.turn): r.content for r in df.itertuples()}
     for c in convs:
         for t, m in enumerate(c["messages"]):
             if (c["id"], t) in got: assert got[(c["id"], t)] == m["content"]
     pq = tmp_path / "conversations.parquet"; pd.DataFrame(convs).to_parquet(pq)
-    df2 = F.fig6_imitation_examples(pq, ids=["c3", "c5"], out_dir=tmp_path, cfg=FAST)
+    df2 = Q.fig6_imitation_examples(pq, ids=["c3", "c5"], out_dir=tmp_path, cfg=FAST)
     assert list(df2.conversation_id.unique()) == ["c3", "c5"]
 
 def test_fig7_embeds_screenshot_or_says_missing(tmp_path):
-    df = F.fig7_rating_page(screenshot=tmp_path / "fig7_rating_page.png", out_dir=tmp_path)
+    df = Q.fig7_rating_page(screenshot=tmp_path / "fig7_rating_page.png", out_dir=tmp_path)
     assert df.status[0] == "missing" and "not yet captured" in df.attrs["notes"][0]
     assert not list(tmp_path.glob("fig7_rating_interface.*"))          # nothing faked
     img = np.zeros((40, 80, 3)); img[:, :40] = 1.0
     plt.imsave(tmp_path / "fig7_rating_page.png", img)
-    df = F.fig7_rating_page(out_dir=tmp_path, cfg=FAST)               # found in out_dir
+    df = Q.fig7_rating_page(out_dir=tmp_path, cfg=FAST)               # found in out_dir
     assert df.status[0] == "embedded" and (df.width[0], df.height[0]) == (80, 40)
     assert (tmp_path / "fig7_rating_interface.png").exists()
 
 # ---------------------------------------------------------------- everything + README
-def _fake_runs(root: Path):
+def fake_runs(root: Path):
     "A runs/ tree shaped like the stages' output: results.csv, a sources run, two generate runs (TEST FIXTURE)."
     core.append_results(fixture_results().to_dict("records"), root / "mini" / "eval_fixture" / "r1" / "results.csv")
     src = root / "mini" / "sources" / "s1"; src.mkdir(parents=True)
@@ -381,7 +381,7 @@ def test_make_all_figures_paper_only_and_with_runs(tmp_path):
     shot = ROOT / "figures" / "fig7_rating_page.png"           # the human stage's real screenshot, once captured
     assert bool(out["fig7_rating_interface"]) == shot.exists()
     # a runs/ tree (IMITATION_NB_RUNS points into tmp_path): results, conversations and generations are found
-    _fake_runs(core.runs_dir())
+    fake_runs(core.runs_dir())
     out = F.make_all_figures(core.load_results(profile="mini"), source="both", profile="mini", out_dir=tmp_path / "b", cfg=FAST)
     readme = (tmp_path / "b" / "README.md").read_text()
     assert "profile `mini`" in readme and "`mini/eval/fixture" in readme
@@ -399,22 +399,22 @@ def test_make_all_figures_paper_only_and_with_runs(tmp_path):
     assert row.paper_trend == "more data ↓; vs base ↓"
 
 def test_fig2_fig6_inputs_found_in_runs():
-    _fake_runs(core.runs_dir())
-    sel = F.select(core.load_results(profile="mini"), "both", profile="mini")
-    (ref, rt), (imf, it), prompts = F.find_generations("mini", sel)
+    fake_runs(core.runs_dir())
+    sel = D.select(core.load_results(profile="mini"), "both", profile="mini")
+    (ref, rt), (imf, it), prompts = Q.find_generations("mini", sel)
     assert rt == TEACHER and it == "Imitation Model (Gemma-3-270M + ShareGPT-Mix 0.04M)"
-    df = F.fig2_from_generations(imf, ref, "", it, rt, prompts, save=False)
+    df = Q.fig2_from_generations(imf, ref, "", it, rt, prompts, save=False)
     assert df["query"][0] == "What is a fixture in testing?"            # raw prompt, not the rendered template
     assert list(df.text) == ["Teacher fixture answer.", "Imitation fixture answer."]
     # without a teacher generate run, the held-out prompts file's `reference` answers are the teacher's side
     import shutil; shutil.rmtree(core.runs_dir() / "mini" / "generate" / "t")
     Path(prompts).write_text(json.dumps({"id": "p1", "prompt": "What is a fixture in testing?", "reference": "A ChatGPT answer.",
                                          "source": "sharegpt"}) + "\n")
-    (ref, rt), (imf, it), prompts = F.find_generations("mini", sel)
+    (ref, rt), (imf, it), prompts = Q.find_generations("mini", sel)
     assert rt == "ChatGPT (held-out ShareGPT reference)" and Path(ref) == Path(prompts)
-    df = F.fig2_from_generations(imf, ref, "", it, rt, prompts, save=False)
+    df = Q.fig2_from_generations(imf, ref, "", it, rt, prompts, save=False)
     assert list(df.text) == ["A ChatGPT answer.", "Imitation fixture answer."] and df["query"][0] == "What is a fixture in testing?"
-    conv = F.find_conversations("mini")
+    conv = Q.find_conversations("mini")
     assert conv.name == "conversations.parquet"
     recs = read_conversations(conv)
     assert recs[0]["messages"][0]["role"] == "user" and recs[0]["meta"] == {"line": 0}

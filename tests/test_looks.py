@@ -5,8 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imitation_nb.eval_judge import (JudgeEvalConfig, combine_orders, judge_pairs, judge_summary, judge_rows, join_inputs,
-                                     length_controlled_rate, model_outcome, parse_verdict, client_chat_fn)
+from imitation_nb.eval_judge import (JudgeEvalConfig, combine_orders, judge_pairs, judge_summary, judge_rows,
+                                     length_controlled_rate, model_outcome, parse_verdict)
+from imitation_nb.pairwise import client_chat_fn, join_inputs
 from imitation_nb.style import (StyleConfig, blocks, has_list, has_summary_paragraph, parse_yes_no, style_metrics,
                                 unigram_intersection)
 
@@ -269,3 +270,61 @@ def test_tone_worked_examples_make_the_offline_judge_answer():
     parsed0, parsed2 = sum(v is not None for v in zero), sum(v is not None for v in two)
     assert parsed2 >= 14 and parsed2 > parsed0, (parsed0, parsed2)
     assert 0 < sum(v is True for v in two) < parsed2, two      # the verdicts discriminate: not all yes, not all no
+
+
+def test_pairwise_plumbing_lives_once_in_pairwise():
+    """Issue #19: judge and style share the pairwise plumbing through `imitation_nb.pairwise` — neither copies the
+    stage skeleton, style does not import eval_judge, and each shared function is defined once in the package."""
+    import ast
+    pkg = Path(__file__).resolve().parents[1] / "imitation_nb"
+    trees = {p.stem: ast.parse(p.read_text()) for p in pkg.glob("*.py") if p.stem != "_modidx"}
+    def imported(mod):
+        return {n.module.lstrip(".").split(".")[-1] if n.level else n.module.split(".")[-1]
+                for n in ast.walk(trees[mod]) if isinstance(n, ast.ImportFrom) and n.module}
+    def names(mod):
+        return {n.id for n in ast.walk(trees[mod]) if isinstance(n, ast.Name)} | \
+               {a.name for n in ast.walk(trees[mod]) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert "pairwise" in imported("eval_judge") and "pairwise" in imported("style")
+    assert "eval_judge" not in imported("style")
+    for mod in ("eval_judge", "style"):      # the skeleton (run, profile, files written) is pairwise's alone
+        assert not names(mod) & {"StageRun", "load_profile", "atomic_write_text", "to_json", "ChatClient"}, mod
+    shared = {"join_inputs", "n_words", "client_chat_fn", "profile_judge", "close_client", "pair_stage_params", "pairwise_run"}
+    defined = [n.name for t in trees.values() for n in ast.walk(t) if isinstance(n, ast.FunctionDef) and n.name in shared]
+    assert sorted(defined) == sorted(shared), defined
+
+
+def test_pairwise_run_keeps_judgments_closes_the_judge_and_resumes(tmp_path):
+    """A judge failing mid-stage: the run fails, the judge's client is closed, the judgments already made are
+    kept; the rerun asks only for the missing ones and finishes in the same run directory."""
+    import yaml
+    from imitation_nb import core
+    from imitation_nb.eval_judge import run_eval_judge
+    prof = yaml.safe_load((core.configs_dir() / "smoke.yaml").read_text())
+    prof["eval_judge"]["n_prompts"] = 0                        # every prompt: 10 prompts x 2 orders = 2 batches
+    profile = tmp_path / "smoke-all.yaml"; profile.write_text(yaml.safe_dump(prof))
+    refs, gens = tmp_path / "refs.jsonl", tmp_path / "gens.jsonl"
+    core.append_jsonl(refs, [{"id": f"p{i}", "prompt": f"Question {i}?", "reference": f"Teacher answer {i}."} for i in range(10)])
+    core.append_jsonl(gens, [{"id": f"p{i}", "prompt": f"Question {i}?", "output": f"Model answer {i}."} for i in range(10)])
+    subj = {"model": "smollm2-135m", "role": "imitation", "imitation_data": "ShareGPT-Mix", "data_tokens_m": 0.008}
+    class Client:
+        counts = {"api_calls": 0}
+        closed = 0
+        def close(self): Client.closed += 1
+    asked = []
+    def flaky(msgs):            # the first batch (16 requests) is answered, the second fails
+        if asked: raise ConnectionError("judge went away")
+        asked.extend(msgs); Client.counts["api_calls"] += len(msgs); return ["[[B]]"] * len(msgs)
+    flaky.client = Client()
+    with pytest.raises(ConnectionError):
+        run_eval_judge(profile, tmp_path / "run", subj, gens, refs, chat_fn=flaky, judge_identity="flaky")
+    m = core.read_manifest(tmp_path / "run")
+    assert m["status"] == "failed" and "judge went away" in m["error"] and Client.closed == 1
+    assert len(core.read_jsonl(tmp_path / "run" / "judgments.jsonl")) == 16
+    again = []
+    def steady(msgs): again.extend(msgs); return ["[[B]]"] * len(msgs)
+    d = run_eval_judge(profile, tmp_path / "run", subj, gens, refs, chat_fn=steady, judge_identity="steady")
+    assert len(again) == 4 and core.read_manifest(d)["status"] == "done"
+    m = core.read_manifest(d)
+    assert m["extra"]["judge"] == "steady" and m["extra"]["client_counts"] == {} and m["extra"]["counts"]["joined"] == 10
+    rows = core.read_results_file(d / "results.csv").set_index("metric_key")
+    assert rows.loc["judge_parse_rate", "n"] == 20 and "W/T/L 0/10/0" in rows.loc["judge_ge_teacher", "note"]   # always B: ties

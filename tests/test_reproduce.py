@@ -281,3 +281,50 @@ def test_an_unknown_stage_in_only_is_a_user_error(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "--only: unknown stage 'finetun' (did you mean 'finetune'?)" in r.stderr
     assert not (tmp_path / "runs").exists()
+
+
+# --- the plan of every shipped profile, pinned (issue #19: `plan` split into named helpers, same plan) ---------------
+PLANS = ROOT / "tests" / "reference" / "plans"
+PLAN_ROOT = "/tmp/imitation_nb_plan_snapshot"        # a fixed runs root: run dirs and the paths in params are under it
+
+
+def plan_snapshot(profile: str) -> list[dict]:
+    """Each stage run of `plan(profile)`, in order: its key (stage + run-dir hash) and a hash of its parameters, of its
+    upstream keys, outputs and label. Paths are written relative to the runs root and the project root."""
+    def norm(x): return json.loads(json.dumps(x, sort_keys=True, default=str).replace(PLAN_ROOT, "<runs>").replace(str(core.project_root()), "<project>"))
+    return [{"key": sp.key, "params": core.stable_hash(norm(sp.params)),
+             "rest": core.stable_hash(norm({"deps": sp.deps, "outputs": sp.outputs, "label": sp.label}))}
+            for sp in R.plan(profile, root=PLAN_ROOT)]
+
+
+@pytest.mark.parametrize("profile", ["smoke", "mini", "modern", "paper"])
+def test_the_plan_of_every_shipped_profile_is_unchanged(profile):
+    """Same stage runs, same parameters, same run dirs as the snapshot written before `plan` was split into helpers.
+    A change *meant* to change a plan (a profile, a data file it names, the planner) rewrites the snapshot:
+    `python tests/test_reproduce.py --write-plan-snapshots`, and says why in the commit."""
+    want = json.loads((PLANS / f"{profile}.json").read_text())
+    got = plan_snapshot(profile)
+    assert [r["key"] for r in got] == [r["key"] for r in want]
+    assert got == want
+
+
+if __name__ == "__main__" and "--write-plan-snapshots" in sys.argv:
+    PLANS.mkdir(parents=True, exist_ok=True)
+    for name in ("smoke", "mini", "modern", "paper"):
+        (PLANS / f"{name}.json").write_text(json.dumps(plan_snapshot(name), indent=1) + "\n")
+        print(name, len(plan_snapshot(name)), "stage runs")
+
+
+def test_stage_notebooks_that_define_their_config_class_again_run_through_papermill(tmp_path):
+    """The generate stage's notebook copy defines GenerateConfig again; a section built by one class and read after
+    the module's class registered must be rebuilt, not refused ('expected a mapping, got GenerateConfig')."""
+    prompts = tmp_path / "prompts.jsonl"
+    core.append_jsonl(prompts, [{"id": "p0", "prompt": "Name a prime number.", "reference": "7 is prime."}])
+    subj = {"model": "smollm2-135m", "adapter": None, "role": "base", "model_family": "SmolLM2", "base_params_b": 0.135,
+            "imitation_data": "none", "data_tokens_m": 0.0, "label": "SmolLM2-135M"}
+    prof = core.load_profile("smoke", overrides={"generate": {"max_new_tokens": 4}})
+    sp = R.stage_maker(prof, tmp_path / "runs")("generate", {"subject": subj, "prompts_file": str(prompts), "max_items": 1})
+    R.write_profile_snapshot(sp)
+    R.execute(sp)
+    recs = core.read_jsonl(sp.run_dir / "generations.jsonl")
+    assert core.read_manifest(sp.run_dir)["status"] == "done" and len(recs) == 1 and recs[0]["n_new_tokens"] >= 1
