@@ -26,6 +26,7 @@ __all__ = ['STYLE_WORDS', 'CATEGORIES', 'TokenShiftConfig', 'answer_positions', 
 class TokenShiftConfig:
     "Profile section `token_shift`: how many held-out answers, how many of their tokens."
     n_answers: int = 100            # held-out ChatGPT answers scored (the first of the held-out file)
+    secondary_n_answers: int = 0    # reproduce: answers for the smaller budgets (0 = as n_answers)
     max_answer_tokens: int = 192    # answer positions scored per answer (from its start)
     max_length: int = 512           # tokens per rendered conversation (prompt + answer), truncated
     batch_size: int = 4             # conversations per forward pass
@@ -179,12 +180,14 @@ def token_shift_rows(summary: dict, profile_rows: list[dict], subject: dict, cfg
     return rows
 
 # %% ../nbs/49_token_shift.ipynb #dd3ec91f
-def run_token_shift(profile="smoke", run_dir=None, subject: dict | None = None, heldout_file=None) -> Path:
+def run_token_shift(profile="smoke", run_dir=None, subject: dict | None = None, heldout_file=None,
+                    n_answers: int | None = None) -> Path:
     "The `token_shift` stage for an imitation `subject` (its `adapter`) on `heldout_file`. Returns the run directory."
     from imitation_nb.models import load_model, load_tokenizer, model_info
     from tqdm.auto import tqdm
     import torch
     prof = load_profile(profile); cfg = prof.section("token_shift")
+    if n_answers: cfg = dataclasses.replace(cfg, n_answers=int(n_answers))
     if not subject or not subject.get("adapter"): raise ValueError("token_shift needs an imitation subject with an 'adapter'")
     if not heldout_file: raise ValueError("token_shift needs heldout_file (the mixtures stage's heldout_prompts.jsonl)")
     m = prof.models[subject["model"]]
