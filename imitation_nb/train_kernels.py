@@ -17,7 +17,7 @@ __all__ = ['PACKED_ATTENTION', 'QUERY_CHUNK', 'CPU_FLASH', 'packed_pieces', 'pac
            'register_packed_attention', 'bernoulli_keep', 'fast_dropout_class', 'use_fast_dropout',
            'fused_lora_forward', 'use_fused_lora']
 
-# %% ../nbs/31_train_kernels.ipynb #18b2eee1
+# %% ../nbs/31_train_kernels.ipynb #09fd5ef5
 PACKED_ATTENTION = "packed_sdpa"
 QUERY_CHUNK = 128      # pieces longer than 2 chunks: queries in chunks of 128, each against the keys it can see
 CPU_FLASH = True       # on CPU, run the pieces through the flash kernels in one autograd Function
@@ -35,6 +35,7 @@ def packed_pieces(position_ids) -> list[list[tuple[int, int]]]:
         out.append(list(zip(st, st[1:])))
     return out
 
+# %% ../nbs/31_train_kernels.ipynb #6dfb4f9b
 def _piece_plan(pos, B: int, L: int, window, device, dtype=None) -> list:
     """The SDPA calls that make up packed attention: `(row, q0, q1, k0, mask)` per piece (long pieces split into
     query chunks), `mask` None for a plain causal call, else the chunk's additive mask (0 / -inf, in `dtype`)."""
@@ -54,6 +55,7 @@ def _piece_plan(pos, B: int, L: int, window, device, dtype=None) -> list:
                 plan.append((b, c0, c1, k0, mask))
     return plan
 
+# %% ../nbs/31_train_kernels.ipynb #2be55739
 @functools.cache
 def _packed_flash_cpu():
     """autograd Function running the plan with the CPU flash-attention kernels directly: outputs written into one
@@ -89,6 +91,7 @@ def _packed_flash_cpu():
             return dq, dk, dv, None, None
     return PackedFlashCPU
 
+# %% ../nbs/31_train_kernels.ipynb #a060fa7b
 def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                           is_causal=None, **kwargs):
     """transformers attention function (`AttentionInterface`): causal SDPA on each packed piece of each row.
@@ -118,6 +121,7 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     out = rows[0] if B == 1 else torch.cat(rows, 0)
     return out.transpose(1, 2).contiguous(), None
 
+# %% ../nbs/31_train_kernels.ipynb #929de1ef
 def packed_sdpa_mask(*args, **kwargs):
     "Mask function for `packed_sdpa`: no mask when the attention function can work from the positions alone."
     from transformers.masking_utils import sdpa_mask
@@ -127,6 +131,7 @@ def packed_sdpa_mask(*args, **kwargs):
         return None
     return sdpa_mask(*args, **kwargs)
 
+# %% ../nbs/31_train_kernels.ipynb #ec1cfd35
 def register_packed_attention() -> str:
     "Register `packed_sdpa` with transformers (idempotent); returns its name for `set_attn_implementation`."
     from transformers import AttentionInterface
@@ -135,8 +140,7 @@ def register_packed_attention() -> str:
     AttentionMaskInterface.register(PACKED_ATTENTION, packed_sdpa_mask)
     return PACKED_ATTENTION
 
-
-# %% ../nbs/31_train_kernels.ipynb #b0fb86c9
+# %% ../nbs/31_train_kernels.ipynb #64c3c91d
 def bernoulli_keep(shape, p: float, generator=None):
     "Boolean keep-mask of `shape`: each element kept with probability 1 - round(p * 65536) / 65536."
     import torch
@@ -145,6 +149,7 @@ def bernoulli_keep(shape, p: float, generator=None):
     r = torch.empty(words, dtype=torch.int64).random_(-2 ** 63, None, generator=generator)   # 64 random bits
     return (r.view(torch.int16) >= -32768 + round(p * 65536))[:n].view(tuple(shape))    # 4 fields per word
 
+# %% ../nbs/31_train_kernels.ipynb #160cc82b
 @functools.cache
 def fast_dropout_class():
     "The `FastDropout` module class (built on first use, so importing this module does not import torch)."
@@ -160,7 +165,7 @@ def fast_dropout_class():
             return torch.where(keep, g, 0.0).mul_(ctx.scale), None, None
 
     class FastDropout(torch.nn.Dropout):
-        "Inverted dropout; on CPU the mask comes from `bernoulli_keep` (three elements per random word)."
+        "Inverted dropout; on CPU the mask comes from `bernoulli_keep` (four elements per random word)."
         def forward(self, x):
             p = round(self.p * 65536) / 65536                # the p that bernoulli_keep realises
             if not self.training or not 0 < p < 1 or self.inplace or x.device.type != "cpu":
@@ -168,6 +173,7 @@ def fast_dropout_class():
             return MaskedScale.apply(x, bernoulli_keep(x.shape, p), 1.0 / (1.0 - p))
     return FastDropout
 
+# %% ../nbs/31_train_kernels.ipynb #648c44ba
 def use_fast_dropout(model) -> int:
     "Replace every LoRA input dropout (`lora_dropout[...]`, an `nn.Dropout` with p > 0) by `FastDropout`; returns the count."
     import torch
@@ -180,8 +186,7 @@ def use_fast_dropout(model) -> int:
                 new = cls(d.p); new.train(d.training); drops[name] = new; n += 1
     return n
 
-
-# %% ../nbs/31_train_kernels.ipynb #4777ca2d
+# %% ../nbs/31_train_kernels.ipynb #c4a61e33
 @functools.cache
 def _lora_functions():
     import torch
@@ -237,6 +242,7 @@ def _lora_functions():
             return g, (gx.view(ctx.x_shape) if gx is not None else None), ga, gb, None, None
     return LoraLinear, LoraBranch
 
+# %% ../nbs/31_train_kernels.ipynb #bbe4dc59
 def fused_lora_forward(self, x, *args, **kwargs):
     "Forward of a peft LoRA linear layer with the LoRA half fused (`use_fused_lora` binds it to each layer)."
     import torch
@@ -267,6 +273,7 @@ def fused_lora_forward(self, x, *args, **kwargs):
     if plain: return LoraLinear.apply(x, base.weight, base.bias, la.weight, lb.weight, keep, c)
     return LoraBranch.apply(result, x, la.weight, lb.weight, keep, c)
 
+# %% ../nbs/31_train_kernels.ipynb #6e902515
 def use_fused_lora(model) -> int:
     "Bind `fused_lora_forward` to every peft LoRA linear layer of `model` (idempotent); returns how many it bound."
     import types, torch
@@ -278,4 +285,3 @@ def use_fused_lora(model) -> int:
                 and getattr(mod.forward, "__func__", None) is not fused_lora_forward):
             mod.forward = types.MethodType(fused_lora_forward, mod); n += 1
     return n
-
