@@ -32,6 +32,7 @@ class EvalCapabilityConfig:
     tasks: list[str] = field(default_factory=lambda: list(CAPABILITY_TASKS))
     n: int = 8                       # items per task (0 = all); a seeded subset, the same for every model
     n_per_task: dict[str, int] = field(default_factory=dict)   # per-task override of n, e.g. {hellaswag: 500}
+    secondary_n: int = 0             # reproduce: items per task for secondary subjects (smaller budgets; 0 = as n)
     seed: int = 0                    # item choice (not the profile seed: subsets are shared across profiles)
     max_batch_tokens: int = 4096     # rows x longest row per forward pass
     max_batch_items: int = 32        # items (rows) per forward pass

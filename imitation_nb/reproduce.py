@@ -48,8 +48,9 @@ class StagePlan:
     def notebook(self) -> Path: return STAGES[self.stage].notebook_path
 
 # %% ../nbs/90_reproduce.ipynb #ab57431d
-# read by `plan` only: they become the secondary subjects' `max_items` / `n_prompts` stage parameters
-PLANNER_ONLY = ("generate.secondary_max_items", "eval_toxicity.secondary_n_prompts")
+# read by `plan` only: they become the secondary subjects' own size parameters (`max_items`, `n_prompts`, ...)
+PLANNER_ONLY = ("generate.secondary_max_items", "generate.secondary_max_new_tokens", "eval_toxicity.secondary_n_prompts",
+                "eval_capability.secondary_n", "token_shift.secondary_n_answers")
 # profile keys that name inputs (a string or a list of strings): files, folders, models
 INPUT_KEYS = {
     "data.sharegpt": "file", "data.hc3": "file", "data.discord": "file", "data.chat_jsonl": "file",
@@ -275,19 +276,35 @@ def is_primary(prof: Profile, subj: dict, base: str) -> bool:
         subj["imitation_data"] == "ShareGPT-Mix" and subj["data_tokens_m"] == max(ds.budgets_m))))
 
 # %% ../nbs/90_reproduce.ipynb #488da4ed
+def _secondary(prof: Profile, key: str, param: str, secondary: bool) -> dict:
+    "{param: the profile's `section.secondary_*` size} for a secondary subject when the profile sets one, else {}."
+    sec, fld = key.split(".")
+    v = getattr(prof.section(sec), fld, 0) if secondary else 0
+    return {param: v} if v else {}
+
 def eval_runs(prof: Profile, mk, subj: dict, deps: list, base: str, refs: StagePlan) -> list[StagePlan]:
-    "The evaluation runs of one subject; `refs` is the data-sweep base's mixtures run (held-out prompts, references)."
+    """The evaluation runs of one subject; `refs` is the data-sweep base's mixtures run (held-out prompts, references).
+    Every local subject gets the paper's benchmarks; the data sweep (its base and ShareGPT-Mix budgets) also the
+    small-model capability tasks; its imitation models the token-shift analysis; the data sweep and the teacher the
+    "looks" (toxicity, generation, judge, style). Secondary subjects get the profile's `secondary_*` sizes."""
     g, name = prof.grid, subj["label"]
     out = [mk("eval_benchmarks", {"subject": subj}, deps=deps, label=f"NQ / MMLU / HumanEval: {name}")]
     if subj["imitation_data"] == "NQ-synthetic" or (subj["role"] == "base" and base != g.data_sweep.base): return out
     secondary = not is_primary(prof, subj, base)
-    tp = {"subject": subj}
-    if secondary and getattr(prof.section("eval_toxicity"), "secondary_n_prompts", 0):
-        tp["n_prompts"] = prof.section("eval_toxicity").secondary_n_prompts
-    out.append(mk("eval_toxicity", tp, deps=deps, label=f"RealToxicityPrompts: {name}"))
-    gp = {"subject": subj, "prompts_file": refs.outputs["heldout"]}
-    if secondary and getattr(prof.section("generate"), "secondary_max_items", 0):
-        gp["max_items"] = prof.section("generate").secondary_max_items    # judge and style follow the generations
+    sweep = base == g.data_sweep.base and subj["role"] in ("base", "imitation")
+    if sweep:
+        cp = _secondary(prof, "eval_capability.secondary_n", "sizes", secondary)
+        if cp: cp["sizes"] = {"n": cp["sizes"], "n_per_task": {}}
+        out.append(mk("eval_capability", {"subject": subj, **cp}, deps=deps, label=f"capability tasks: {name}"))
+    if sweep and subj["role"] == "imitation":
+        out.append(mk("token_shift", {"subject": subj, "heldout_file": refs.outputs["heldout"],
+                                      **_secondary(prof, "token_shift.secondary_n_answers", "n_answers", secondary)},
+                      deps=deps + [refs.key], label=f"token shift: {name}"))
+    out.append(mk("eval_toxicity", {"subject": subj, **_secondary(prof, "eval_toxicity.secondary_n_prompts", "n_prompts", secondary)},
+                  deps=deps, label=f"RealToxicityPrompts: {name}"))
+    gp = {"subject": subj, "prompts_file": refs.outputs["heldout"],       # judge and style follow the generations
+          **_secondary(prof, "generate.secondary_max_items", "max_items", secondary),
+          **_secondary(prof, "generate.secondary_max_new_tokens", "max_new_tokens", secondary)}
     gen = mk("generate", gp, deps=deps + [refs.key], label=f"answers to held-out prompts: {name}")
     out.append(gen)
     for st, lab in (("eval_judge", "judge vs teacher"), ("style", "style vs teacher")):
@@ -311,7 +328,8 @@ def plan(profile: Profile | str, root=None, teacher: bool | None = None) -> list
     P = [src, *mix.values(), *([nq] if nq is not None else []), *ft]
     for subj, deps, base in grid_subjects(prof, budgets, adapters, teacher):
         P += eval_runs(prof, mk, subj, deps, base, mix[prof.grid.data_sweep.base])
-    return P + [mk("figures", {"source": "both"}, deps=[p.key for p in P], label="every figure and table")]
+    return P + [mk("figures", {"source": "both", "runs": [str(p.run_dir) for p in P]}, deps=[p.key for p in P],
+                   label="every figure and table")]
 
 # %% ../nbs/90_reproduce.ipynb #69c576b3
 def input_checks(prof: Profile, P: list[StagePlan] | None = None) -> list[dict]:
