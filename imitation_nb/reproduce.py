@@ -50,7 +50,7 @@ class StagePlan:
 # %% ../nbs/90_reproduce.ipynb #ab57431d
 # read by `plan` only: they become the secondary subjects' own size parameters (`max_items`, `n_prompts`, ...)
 PLANNER_ONLY = ("generate.secondary_max_items", "generate.secondary_max_new_tokens", "eval_toxicity.secondary_n_prompts",
-                "eval_capability.secondary_n", "token_shift.secondary_n_answers")
+                "eval_capability.secondary_n", "token_shift.secondary_n_answers", "eval_benchmarks.secondary_sizes")
 # profile keys that name inputs (a string or a list of strings): files, folders, models
 INPUT_KEYS = {
     "data.sharegpt": "file", "data.hc3": "file", "data.discord": "file", "data.chat_jsonl": "file",
@@ -288,9 +288,11 @@ def eval_runs(prof: Profile, mk, subj: dict, deps: list, base: str, refs: StageP
     small-model capability tasks; its imitation models the token-shift analysis; the data sweep and the teacher the
     "looks" (toxicity, generation, judge, style). Secondary subjects get the profile's `secondary_*` sizes."""
     g, name = prof.grid, subj["label"]
-    out = [mk("eval_benchmarks", {"subject": subj}, deps=deps, label=f"NQ / MMLU / HumanEval: {name}")]
-    if subj["imitation_data"] == "NQ-synthetic" or (subj["role"] == "base" and base != g.data_sweep.base): return out
     secondary = not is_primary(prof, subj, base)
+    nq_syn = subj["imitation_data"] == "NQ-synthetic" and base == g.data_sweep.base    # Table 1's comparison: full NQ
+    bp = _secondary(prof, "eval_benchmarks.secondary_sizes", "sizes", secondary and not nq_syn and subj["role"] != "teacher")
+    out = [mk("eval_benchmarks", {"subject": subj, **bp}, deps=deps, label=f"NQ / MMLU / HumanEval: {name}")]
+    if subj["imitation_data"] == "NQ-synthetic" or (subj["role"] == "base" and base != g.data_sweep.base): return out
     sweep = base == g.data_sweep.base and subj["role"] in ("base", "imitation")
     if sweep:
         cp = _secondary(prof, "eval_capability.secondary_n", "sizes", secondary)
