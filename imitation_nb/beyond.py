@@ -20,7 +20,7 @@ from .tables import write_table, markdown_table
 
 # %% auto #0
 __all__ = ['CAP_TASK_NAMES', 'CAP_HEADLINE', 'SHIFT_KEYS', 'capability_keys', 'fig9_capability', 'fig10_heldout_loss',
-           'fig8_token_shift', 'table6_shifted_tokens', 'write_verdicts']
+           'fig8_token_shift', 'table6_shifted_tokens', 'write_verdicts', 'findings_markdown']
 
 # %% ../nbs/79_beyond.ipynb #117f31be
 CAP_TASK_NAMES = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "piqa": "PIQA", "hellaswag": "HellaSwag",
@@ -144,5 +144,23 @@ def write_verdicts(table: pd.DataFrame, judge: dict | None = None, out_dir=None,
                            f"on {judge['teacher_preferred_pct']:.0f}% of {judge['n']} prompts (95% CI {judge['ci_low']:.0f}–"
                            f"{judge['ci_high']:.0f}%; ties {judge['ties_pct']:.0f}%) — {judge['verdict']}.")
     if table.attrs.get("missing"): notes.append("Not measured in this run: " + ", ".join(table.attrs["missing"]) + ".")
-    if save: write_table("verdicts", "What this run found: a verdict per claim", [("", show)], table, notes, out_dir)
+    from imitation_nb.verdicts import claim_summary
+    if save:
+        write_table("verdicts", "What this run found: a verdict per claim", [("", show)], table, notes, out_dir)
+        core.atomic_write_json(Path(out_dir or core.figures_dir()) / "verdicts.json",
+                               {"claims": claim_summary(table), "sentences": headline(table), "judge": judge,
+                                "missing": table.attrs.get("missing", [])})
     return headline(table)
+
+# %% ../nbs/79_beyond.ipynb #3148a220
+def findings_markdown(figures=None):
+    "Markdown of the committed run's findings (`figures/verdicts.json`): one sentence per claim, and the judge check."
+    from IPython.display import Markdown
+    f = Path(figures or core.figures_dir()) / "verdicts.json"
+    if not f.exists(): return Markdown("*No verdicts yet: run `imitation-nb reproduce --profile mini`.*")
+    v = json.loads(f.read_text())
+    lines = [f"- {c}" for c in v["claims"]]
+    j = v.get("judge")
+    if j: lines.append(f"- **Judge check** ({j['judge'] or 'judge'}): prefers the real ChatGPT answer over the untrained base's on "
+                       f"{j['teacher_preferred_pct']:.0f}% of {j['n']} prompts (95% CI {j['ci_low']:.0f}–{j['ci_high']:.0f}%) — {j['verdict']}.")
+    return Markdown("\n".join(lines))

@@ -18,8 +18,8 @@ from .core import Profile, register_section, read_manifest, read_jsonl, load_pro
 from .stats import paired_bootstrap, mcnemar_exact, mde, verdict
 
 # %% auto #0
-__all__ = ['COLUMNS', 'PAPER', 'CLAIM_ORDER', 'VerdictsConfig', 'stage_runs', 'find_run', 'subjects', 'paired', 'claim_row',
-           'verdict_table', 'judge_check', 'headline']
+__all__ = ['COLUMNS', 'PAPER', 'CLAIM_ORDER', 'GROUPS', 'VerdictsConfig', 'stage_runs', 'find_run', 'subjects', 'paired',
+           'claim_row', 'verdict_table', 'judge_check', 'headline', 'claim_summary']
 
 # %% ../nbs/78_verdicts.ipynb #734cc234
 @register_section("verdicts")
@@ -255,4 +255,24 @@ def headline(df: pd.DataFrame) -> list[str]:
         out.append(f"{_SENT[r.claim].format(verb=verb)} ({r.comparison}): {_fmt(r.change, r.unit)}{u}, 95% CI "
                    f"[{_fmt(r.ci_low, r.unit)}, {_fmt(r.ci_high, r.unit)}], n = {r.n:,}, detectable ≥ {abs(r.mde):.3g}{u} — "
                    f"**{r.verdict}** (expected: {r.expected.replace('_', ' ')}" + (f", margin {r.margin:g}{u}" if r.expected == "no_improvement" else "") + ").")
+    return out
+
+# %% ../nbs/78_verdicts.ipynb #48681aea
+GROUPS = [("style", "Imitation changes style", ["style_list", "style_summary", "style_unigram", "style_length_corr", "heldout_loss", "token_shift"]),
+          ("capability", "Imitation does not improve capability", ["capability", "nq", "mmlu"]),
+          ("task", "Task-specific imitation (NQ-synthetic) helps NQ more than broad imitation (ShareGPT-Mix)", ["nq_synthetic_vs_sharegpt"])]
+
+def claim_summary(df: pd.DataFrame) -> list[str]:
+    "One sentence per claim of the paper: how many of its measures this run reproduced, contradicted, or could not tell."
+    out = []
+    for _, claim, keys in GROUPS:
+        rows = df[df.claim.isin(keys)]
+        if rows.empty: out.append(f"*{claim}*: not measured in this run."); continue
+        v = rows.verdict.value_counts()
+        parts = [f"{v.get(k, 0)} {k}" for k in ("reproduced", "opposite", "inconclusive at this n") if v.get(k, 0)]
+        which = "; ".join(f"{r.metric} {_fmt(r.change, r.unit)} [{_fmt(r.ci_low, r.unit)}, {_fmt(r.ci_high, r.unit)}] → {r.verdict}"
+                          for r in rows.itertuples())
+        word = ("reproduced" if v.get("reproduced", 0) == len(rows) else "not reproduced" if v.get("opposite", 0) == len(rows)
+                else "partly reproduced" if v.get("reproduced", 0) else "inconclusive at this n" if not v.get("opposite", 0) else "contradicted in part")
+        out.append(f"**{claim}** — {word} ({', '.join(parts)} of {len(rows)} measures): {which}.")
     return out
