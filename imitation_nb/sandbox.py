@@ -254,7 +254,7 @@ if pid == 0:   # ---------------------------------------------------------------
         for r, v in ((resource.RLIMIT_AS, lim["memory_mb"] * mb), (resource.RLIMIT_CPU, lim["cpu_s"]),
                      (resource.RLIMIT_FSIZE, lim["fsize_mb"] * mb), (resource.RLIMIT_NPROC, lim["nproc"]),
                      (resource.RLIMIT_NOFILE, lim["nofile"]), (resource.RLIMIT_CORE, 0)):
-            resource.setrlimit(r, (v, v))
+            resource.setrlimit(r, (v, v + 1) if r == resource.RLIMIT_CPU else (v, v))   # SIGXCPU at the limit, not SIGKILL
         os.chdir(scratch)           # before the uid changes: the directory above it may be private to the parent's user
         if mode in ("root-ns", "uid"):
             os.setgroups([]); os.setgid(uid); os.setuid(uid)

@@ -116,6 +116,15 @@ def test_the_tests_are_out_of_the_programs_reach(problems):
     assert not r.passed
     assert "FOUND []" in r.stdout, r.stdout
 
+def test_cpu_time_limit_is_reported_as_a_timeout():
+    """A busy loop that exhausts RLIMIT_CPU before the wall-clock limit is a timeout, not a failure: the soft limit
+    sends SIGXCPU, which the judge reports (with soft == hard the kernel sent SIGKILL, and the run read 'failed' —
+    what CI saw on an idle machine, where CPU time keeps pace with wall time)."""
+    for job in ("while True: pass\n",
+                humaneval_program(load_humaneval()[0], "    while True: pass\n")):
+        r = run_sandboxed(job, SandboxLimits(timeout_s=30, cpu_s=2))
+        assert r.status == "timeout" and "CPU time limit (2 s)" in r.detail and r.wall_s < 15, r
+
 def test_exit_status_decides_plain_programs_only():
     "A plain program is its own test: exit 0 passes, anything else fails."
     assert run_sandboxed("import os; os._exit(0)").passed
