@@ -54,6 +54,7 @@ def _parts(model):
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     return hf.get_decoder(), hf.get_output_embeddings(), getattr(hf.config, "final_logit_softcapping", None)
 
+# %% ../nbs/49_token_shift.ipynb #5c63fa75
 def position_scores(model, enc: list[dict], ranks_of: list[list[int]] | None = None, batch_size: int = 4,
                     pad_id: int = 0, progress=None) -> list[dict]:
     "Per record: `top1`, `logprob` of the teacher's token, `rank` of `ranks_of[i]` (if given) at its scored positions."
@@ -89,6 +90,8 @@ hence instead meanwhile finally firstly secondly lastly first second third next 
 course please thank thanks sorry unfortunately happy glad help hope note important example e.g i.e etc
 generally typically usually often specifically essentially basically simply ultimately indeed
 """.split())
+
+# %% ../nbs/49_token_shift.ipynb #3945824e
 _MARKUP = set(string.punctuation) | set("•–—…’‘“”")
 
 def token_class(text: str) -> str:
@@ -104,6 +107,7 @@ CATEGORIES = (("unshifted", 1, 1), ("marginal", 2, 3), ("shifted", 4, None))
 def category(rank: int) -> str:
     return next(name for name, lo, hi in CATEGORIES if rank >= lo and (hi is None or rank <= hi))
 
+# %% ../nbs/49_token_shift.ipynb #b0a90efc
 def per_answer(ids: list[str], ranks: list[list[int]], classes: list[list[str]]) -> list[dict]:
     "Per answer: positions, count per category, and shift rates (rank > 1) on style and on content tokens."
     out = []
@@ -150,6 +154,7 @@ def position_profile(ranks: list[list[int]], bins: int = 10) -> list[dict]:
                      "shifted": float(100 * (rk[m] > 3).mean()) if m.any() else float("nan")})
     return rows
 
+# %% ../nbs/49_token_shift.ipynb #bd7da0e6
 def top_shifted(tokenizer, imit_top1, base_top1, ranks, n: int = 30) -> list[dict]:
     "The imitation model's most frequent top-1 tokens at shifted positions, with the base's usual choice there."
     import collections
