@@ -59,7 +59,9 @@ def fig9_capability(results=None, profile=None, run_ids=None, out_dir=None, save
 
 # %% ../nbs/79_beyond.ipynb #ce9d388e
 def fig10_heldout_loss(results=None, profile=None, run_ids=None, out_dir=None, save=True, return_fig=False, cfg=None):
-    "Figure 10: loss on held-out real ChatGPT answers vs amount of imitation data (reproduction)."
+    "Figure 10: loss on held-out real ChatGPT answers vs amount of imitation data (reproduction); None without such rows."
+    results = core.load_results() if results is None else results
+    if not (select(results, "reproduction", profile, run_ids).repro["metric_key"] == "heldout_loss").any(): return None
     return sweep_figure("fig10_heldout_loss", [[("heldout_loss", "data")]], "Figure 10", results, "reproduction", profile,
                         run_ids, out_dir, save, return_fig, cfg=cfg, panel_w=4.2, panel_h=3.0, extra_notes=[
                             "Figure 10 (beyond the paper): mean next-token loss on the ChatGPT answers of held-out ShareGPT "

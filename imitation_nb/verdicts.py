@@ -278,7 +278,9 @@ def claim_summary(df: pd.DataFrame) -> list[str]:
         parts = [f"{v.get(k, 0)} {k}" for k in ("reproduced", "opposite", "inconclusive at this n") if v.get(k, 0)]
         which = "; ".join(f"{r.metric} {_fmt(r.change, r.unit)} [{_fmt(r.ci_low, r.unit)}, {_fmt(r.ci_high, r.unit)}] → {r.verdict}"
                           for r in rows.itertuples())
-        word = ("reproduced" if v.get("reproduced", 0) == len(rows) else "not reproduced" if v.get("opposite", 0) == len(rows)
-                else "partly reproduced" if v.get("reproduced", 0) else "inconclusive at this n" if not v.get("opposite", 0) else "contradicted in part")
+        rep, opp = v.get("reproduced", 0), v.get("opposite", 0)
+        word = ("reproduced" if rep == len(rows) else "not reproduced" if opp == len(rows)
+                else "mixed: reproduced in part, contradicted in part" if rep and opp
+                else "partly reproduced" if rep else "contradicted in part" if opp else "inconclusive at this n")
         out.append(f"**{claim}** — {word} ({', '.join(parts)} of {len(rows)} measures): {which}.")
     return out
