@@ -32,6 +32,7 @@ METRIC_LABELS.update({"cap_pooled_acc": ("Small-model capability (pooled)", "Acc
                       **{f"cap_{t}_{m}": (f"{n} ({m})", "Accuracy (%)") for t, n in CAP_TASK_NAMES.items()
                          for m in (CAP_HEADLINE[t],)}})
 
+# %% ../nbs/79_beyond.ipynb #aa6062f9
 def capability_keys(results: pd.DataFrame) -> list[str]:
     "The capability metric keys present in `results`: pooled first, then each task's headline metric."
     have = set(results["metric_key"].dropna()) if len(results) else set()
@@ -44,6 +45,7 @@ def _grid(keys: list[str], ncols: int = 3) -> list[list[tuple]]:
     return [[(k, "data") for k in r] + [(r[-1], "data")] * (ncols - len(r)) if len(keys) > ncols else [(k, "data") for k in r]
             for r in rows]
 
+# %% ../nbs/79_beyond.ipynb #2b269b81
 def fig9_capability(results=None, profile=None, run_ids=None, out_dir=None, save=True, return_fig=False, cfg=None):
     "Figure 9: small-model capability tasks vs amount of imitation data (reproduction; base dashed)."
     results = core.load_results() if results is None else results
@@ -55,8 +57,11 @@ def fig9_capability(results=None, profile=None, run_ids=None, out_dir=None, save
                             "(lm-eval-harness 0.4.13 task definitions; acc_norm for ARC, PIQA, HellaSwag, OpenBookQA, acc "
                             "otherwise); pooled = every scored item under its task's headline metric."])
 
+# %% ../nbs/79_beyond.ipynb #ce9d388e
 def fig10_heldout_loss(results=None, profile=None, run_ids=None, out_dir=None, save=True, return_fig=False, cfg=None):
-    "Figure 10: loss on held-out real ChatGPT answers vs amount of imitation data (reproduction)."
+    "Figure 10: loss on held-out real ChatGPT answers vs amount of imitation data (reproduction); None without such rows."
+    results = core.load_results() if results is None else results
+    if not (select(results, "reproduction", profile, run_ids).repro["metric_key"] == "heldout_loss").any(): return None
     return sweep_figure("fig10_heldout_loss", [[("heldout_loss", "data")]], "Figure 10", results, "reproduction", profile,
                         run_ids, out_dir, save, return_fig, cfg=cfg, panel_w=4.2, panel_h=3.0, extra_notes=[
                             "Figure 10 (beyond the paper): mean next-token loss on the ChatGPT answers of held-out ShareGPT "
@@ -71,6 +76,7 @@ def _shift_rows(sel: Selection) -> pd.DataFrame:
     r = sel.repro[sel.repro["metric_key"].isin([k for k, _, _ in SHIFT_KEYS] + ["token_shift_changed_by_position"])]
     return r[r["role"] == "imitation"]
 
+# %% ../nbs/79_beyond.ipynb #6dfeaef1
 def fig8_token_shift(results=None, profile=None, run_ids=None, out_dir=None, save=True, return_fig=False, cfg=None):
     "Figure 8: token-shift shares per imitation budget, and changed positions along the answer."
     import matplotlib.pyplot as plt
@@ -125,6 +131,7 @@ def _num(v, unit):
     if v is None or (isinstance(v, float) and np.isnan(v)): return "–"
     return f"{v:.3f}" if unit in ("nats", "r") else f"{v:.1f}"
 
+# %% ../nbs/79_beyond.ipynb #7b570240
 def write_verdicts(table: pd.DataFrame, judge: dict | None = None, out_dir=None, save: bool = True) -> list[str]:
     "Write the verdict table (md, tex, csv); returns one sentence per claim (see `verdicts.headline`)."
     from imitation_nb.verdicts import headline

@@ -37,6 +37,7 @@ COMPARE_NAMES = {"non_toxicity": "Non-toxic score (RealToxicityPrompts)", "judge
 
 TOLERANCE = {"style_length_corr": 0.02, "non_toxicity": 0.005}
 
+# %% ../nbs/80_figures.ipynb #9d25fa9c
 def direction(a: dict, b: dict, key: str) -> str:
     "'↑', '↓' or '≈' from point `a` to point `b` (≈ within the metric's tolerance or one combined std)."
     tol = TOLERANCE.get(key, 1.0)
@@ -48,6 +49,7 @@ def direction(a: dict, b: dict, key: str) -> str:
 # %% ../nbs/80_figures.ipynb #c1a23102
 def _v(p, key): return _fmt(p["y"], key).rstrip("%")
 
+# %% ../nbs/80_figures.ipynb #3d521c61
 def _trend(sw: dict, key: str, side: str) -> tuple[str, str, tuple]:
     "(values text, trend text, trend tuple) of one sweep."
     pts = sw["points"]
@@ -105,6 +107,7 @@ ITEMS = [("fig1_headline", "Figure 1: crowd preference vs data, NQ vs data, pref
          ("fig10_heldout_loss", "Figure 10 (beyond the paper): loss on held-out ChatGPT answers vs imitation data"),
          ("verdicts", "The verdict table: paired change, 95% CI, MDE and verdict per claim")]
 
+# %% ../nbs/80_figures.ipynb #fe2b5a05
 def _run_ids(df) -> list[str]:
     if df is None or "run_id" not in df: return []
     return sorted({i for v in df["run_id"].dropna().astype(str) for i in v.split(";") if i and i != "paper"})

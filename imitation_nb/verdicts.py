@@ -38,6 +38,7 @@ class VerdictsConfig:
 # %% ../nbs/78_verdicts.ipynb #343895a0
 def _profile(p): return p if isinstance(p, Profile) else load_profile(p)
 
+# %% ../nbs/78_verdicts.ipynb #887ce5c6
 def stage_runs(run_dirs) -> list[dict]:
     "Finished stage runs among `run_dirs`: `{stage, dir, params}`."
     out = []
@@ -46,6 +47,7 @@ def stage_runs(run_dirs) -> list[dict]:
         if m and m.get("status") == "done": out.append({"stage": m["stage"], "dir": d, "params": m.get("params", {})})
     return out
 
+# %% ../nbs/78_verdicts.ipynb #52a11844
 def _same(a, b) -> bool:
     return math.isclose(float(a), float(b), rel_tol=1e-9) if isinstance(a, (int, float)) and isinstance(b, (int, float)) else a == b
 
@@ -57,6 +59,7 @@ def find_run(runs: list[dict], stage: str, **subject) -> Path | None:
         if all(_same(have.get(k), v) for k, v in subject.items()): return r["dir"]
     return None
 
+# %% ../nbs/78_verdicts.ipynb #b2863e7d
 def subjects(profile) -> dict:
     "The verdicts' subjects for `profile`: untrained base, top ShareGPT-Mix budget, NQ-synthetic."
     prof = _profile(profile); g = prof.grid.data_sweep
@@ -95,6 +98,7 @@ PAPER = {  # what the paper reports for the same comparison (LLaMA-13B base → 
     "token_shift": "Lin et al. 2023, Llama-2-7B: 78 / 14 / 8 % unshifted / marginal / shifted, shifts on style tokens",
 }
 
+# %% ../nbs/78_verdicts.ipynb #763340d0
 def _style(runs, s, cfg) -> list[dict]:
     ra, rb = find_run(runs, "style", **s["base"]), find_run(runs, "style", **s["top"])
     if ra is None or rb is None: return []
@@ -171,12 +175,14 @@ def _capability(runs, s, cfg) -> list[dict]:
                       xb.mean(), "no_improvement", "pp", cfg, margin=cfg.capability_margin_pp, scale=100,
                       paper=PAPER["capability"], note=f"{len(rows)} tasks: {tasks}")] + rows
 
+# %% ../nbs/78_verdicts.ipynb #bc518249
 def _correct(rd: Path, task: str) -> list[dict]:
     f = rd / f"per_item_{task}.jsonl"
     if not f.exists(): return []
     key = "correct" if task == "nq" else None
     return [{"id": r["id"], "ok": bool(r["correct"]) if key else r["pred"] == r["answer"]} for r in read_jsonl(f)]
 
+# %% ../nbs/78_verdicts.ipynb #50c79d3b
 def _benchmarks(runs, s, cfg) -> list[dict]:
     rows = []
     ra, rb, rn = (find_run(runs, "eval_benchmarks", **s[k]) for k in ("base", "top", "nq_synthetic"))
@@ -272,7 +278,9 @@ def claim_summary(df: pd.DataFrame) -> list[str]:
         parts = [f"{v.get(k, 0)} {k}" for k in ("reproduced", "opposite", "inconclusive at this n") if v.get(k, 0)]
         which = "; ".join(f"{r.metric} {_fmt(r.change, r.unit)} [{_fmt(r.ci_low, r.unit)}, {_fmt(r.ci_high, r.unit)}] → {r.verdict}"
                           for r in rows.itertuples())
-        word = ("reproduced" if v.get("reproduced", 0) == len(rows) else "not reproduced" if v.get("opposite", 0) == len(rows)
-                else "partly reproduced" if v.get("reproduced", 0) else "inconclusive at this n" if not v.get("opposite", 0) else "contradicted in part")
+        rep, opp = v.get("reproduced", 0), v.get("opposite", 0)
+        word = ("reproduced" if rep == len(rows) else "not reproduced" if opp == len(rows)
+                else "mixed: reproduced in part, contradicted in part" if rep and opp
+                else "partly reproduced" if rep else "contradicted in part" if opp else "inconclusive at this n")
         out.append(f"**{claim}** — {word} ({', '.join(parts)} of {len(rows)} measures): {which}.")
     return out

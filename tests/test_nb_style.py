@@ -10,6 +10,7 @@ import nb_style as S
 # restyled in #19 (wave 2); the other notebooks join the list once theirs are merged
 RESTYLED = ["40_generate", "41_sandbox", "42_eval_benchmarks", "44_eval_toxicity", "50_eval_human", "90_reproduce",
             "95_docs", "index"]
+RESTYLED += ["78_verdicts", "79_beyond", "80_figures"]   # branch style-b (#19)
 
 
 def _nb(path, cells):
