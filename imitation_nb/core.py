@@ -326,7 +326,8 @@ class Profile:
         papermill defines its config class again, and the module's class may register after it) is rebuilt."""
         cls = section_schema(name)
         if cls is None: raise KeyError(f"{self.file}: no section '{name}' and no stage module registers it")
-        v = self.sections.get(name, {})
+        if name not in self.sections: return build_dataclass(cls, {}, name, self.file)   # defaults; the profile is unchanged
+        v = self.sections[name]
         if not isinstance(v, cls):
             data = dataclasses.asdict(v) if is_dataclass(v) else v
             v = self.sections[name] = build_dataclass(cls, data, name, self.file)

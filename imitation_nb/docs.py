@@ -22,13 +22,14 @@ def _directives(src: str) -> list[str]:
     return [m.group(1).strip() for m in map(_DIRECTIVE.match, src.splitlines()) if m]
 
 def doc_cells(nb: dict) -> dict:
-    "A copy of notebook `nb` as documentation: hidden cells removed, directive lines stripped."
+    "A copy of notebook `nb` as documentation: hidden cells removed, directive lines stripped, `#| echo: false` marked."
     nb = copy.deepcopy(nb); cells = []
     for c in nb["cells"]:
         src = "".join(c["source"]) if isinstance(c["source"], list) else c["source"]
         d = _directives(src) if c["cell_type"] == "code" else []
         if any(x.split()[0] in ("hide", "default_exp") for x in d if x): continue
         if c["cell_type"] == "code":
+            if any(x.replace(" ", "") == "echo:false" for x in d): c.setdefault("metadata", {})["echo"] = False
             src = "\n".join(l for l in src.splitlines() if not _DIRECTIVE.match(l)).strip("\n")
         c["source"] = src
         cells.append(c)
@@ -53,7 +54,11 @@ def build_readme(nb_path=None, out=None) -> Path:
     nb_path = Path(nb_path or nbs_dir() / "index.ipynb")
     nb = json.loads(nb_path.read_text())
     nb = execute_nb(doc_cells(nb), nb_path.parent)
-    for c in nb["cells"]:
+    for k, c in enumerate(nb["cells"]):
+        if c.get("metadata", {}).get("echo") is False:   # `#| echo: false`: its Markdown output replaces the cell
+            md = "".join("".join(o.get("data", {}).get("text/markdown", "")) for o in c.get("outputs", []))
+            nb["cells"][k] = c = {"cell_type": "markdown", "id": c.get("id") or f"echo{k}", "source": md, "metadata": {}}
+            continue
         c["metadata"] = {}   # execnb timing metadata is not valid nbformat
         if isinstance(c["source"], list): c["source"] = "".join(c["source"])
         if c["cell_type"] == "code":

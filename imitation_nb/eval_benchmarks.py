@@ -48,6 +48,7 @@ class EvalBenchmarksConfig:
     sandbox_memory_mb: int = 1024
     sandbox_workers: int = 2
     batch_size: int = 16             # generation batch size
+    secondary_sizes: dict[str, int] = field(default_factory=dict)  # reproduce: size keys (nq_n, mmlu_per_subject, ...) for secondary subjects
 
 # %% ../nbs/42_eval_benchmarks.ipynb #5e865e06
 def normalize_answer(s: str) -> str:

@@ -32,6 +32,7 @@ class EvalCapabilityConfig:
     tasks: list[str] = field(default_factory=lambda: list(CAPABILITY_TASKS))
     n: int = 8                       # items per task (0 = all); a seeded subset, the same for every model
     n_per_task: dict[str, int] = field(default_factory=dict)   # per-task override of n, e.g. {hellaswag: 500}
+    secondary_n: int = 0             # reproduce: items per task for secondary subjects (smaller budgets; 0 = as n)
     seed: int = 0                    # item choice (not the profile seed: subsets are shared across profiles)
     max_batch_tokens: int = 4096     # rows x longest row per forward pass
     max_batch_items: int = 32        # items (rows) per forward pass
@@ -50,6 +51,7 @@ TASK_INFO = {  # display name, the metrics lm-eval 0.4.13 reports for the task, 
 }
 TARGET_DELIMITER = " "     # lm-eval's default `target_delimiter`, put between the context and every choice
 
+# %% ../nbs/43_eval_capability.ipynb #84aa3ec4
 def capability_dir() -> Path: return data_dir() / "capability"
 
 def _jsonl_records(path) -> list[tuple[int, dict]]:
@@ -64,6 +66,7 @@ def _jsonl_records(path) -> list[tuple[int, dict]]:
             out.append((i, r))
     return out
 
+# %% ../nbs/43_eval_capability.ipynb #5a6bb53b
 def _need(ok, path, line, msg: str):
     if not ok: raise ValueError(f"{path}:{line}: {msg}")
 
@@ -73,6 +76,7 @@ def _strs(x, n: int | None = None) -> bool:
 
 def _int_in(x, values) -> bool: return isinstance(x, int) and not isinstance(x, bool) and x in values
 
+# %% ../nbs/43_eval_capability.ipynb #70f784d7
 def mc_item(task: str, id: str, query: str, choices: list[str], gold: int) -> dict:
     """A multiple-choice item with its requests as lm-eval builds them: one (context, continuation) pair per
     choice, the continuation being the target delimiter + the choice."""
@@ -97,6 +101,7 @@ def load_arc(task: str = "arc_easy") -> list[dict]:
         out.append(mc_item(task, r["id"], f"Question: {r['question']}\nAnswer:", ch["text"], ch["label"].index(r["answerKey"])))
     return out
 
+# %% ../nbs/43_eval_capability.ipynb #3974af40
 def load_piqa() -> list[dict]:
     "PIQA validation: `valid.jsonl` (goal, sol1, sol2) and `valid-labels.lst` (0/1, aligned by line)."
     d = capability_dir() / "piqa"
@@ -112,6 +117,7 @@ def load_piqa() -> list[dict]:
         out.append(mc_item("piqa", f"piqa-{k}", f"Question: {r['goal']}\nAnswer:", [r["sol1"], r["sol2"]], int(lab)))
     return out
 
+# %% ../nbs/43_eval_capability.ipynb #b43cf12d
 def hellaswag_preprocess(text: str) -> str:
     "lm-eval's HellaSwag `preprocess` (tasks/hellaswag/utils.py), verbatim."
     text = text.strip()
@@ -121,6 +127,7 @@ def hellaswag_preprocess(text: str) -> str:
     text = text.replace("  ", " ")
     return text
 
+# %% ../nbs/43_eval_capability.ipynb #5fc4ec43
 def load_hellaswag() -> list[dict]:
     """HellaSwag validation from the preprocessed 6-lines-per-task text (context, label, 4 endings), lm-eval's
     `preprocess` applied once more (it removes bracketed WikiHow artefacts the file kept)."""
@@ -137,6 +144,7 @@ def load_hellaswag() -> list[dict]:
                            [hellaswag_preprocess(e) for e in ends], int(lab)))
     return out
 
+# %% ../nbs/43_eval_capability.ipynb #cfce5721
 def load_lambada() -> list[dict]:
     """LAMBADA (OpenAI's test file), lm-eval `lambada_openai`: context = the text without its last word, target =
     " " + that word, words being split on " " as lm-eval does. One request; `gold` is 0 by convention."""
@@ -151,6 +159,7 @@ def load_lambada() -> list[dict]:
                     "requests": [[" ".join(w[:-1]), " " + w[-1]]]})
     return out
 
+# %% ../nbs/43_eval_capability.ipynb #502b7f65
 def load_winogrande() -> list[dict]:
     """WinoGrande dev (xl), llm-foundry's partial-scoring form. lm-eval: one request per option, context = the
     sentence up to the blank with the option filled in, continuation = " " + the rest (the same for both)."""
@@ -165,6 +174,7 @@ def load_winogrande() -> list[dict]:
                     "choices": list(r["context_options"]), "requests": [[c, cont] for c in r["context_options"]]})
     return out
 
+# %% ../nbs/43_eval_capability.ipynb #6bcf61bc
 def load_boolq() -> list[dict]:
     """BoolQ dev from llm-foundry's `Passage: <passage>\nQuestion: <question>?` records, re-formatted as lm-eval's
     `boolq` (super_glue) prompt `<passage>\nQuestion: <question>?\nAnswer:`; choices no / yes."""
@@ -181,6 +191,7 @@ def load_boolq() -> list[dict]:
         out.append(mc_item("boolq", f"boolq-{i - 1}", f"{passage}\nQuestion: {question}?\nAnswer:", ["no", "yes"], r["gold"]))
     return out
 
+# %% ../nbs/43_eval_capability.ipynb #42b01a12
 def load_openbookqa() -> list[dict]:
     """OpenBookQA test (llm-foundry query/choices/gold) with AI2's official ids from the aligned answer key, which
     must agree with `gold` on every row. lm-eval: the question stem alone is the context."""
@@ -197,6 +208,7 @@ def load_openbookqa() -> list[dict]:
         out.append(mc_item("openbookqa", k["id"], r["query"], r["choices"], r["gold"]))
     return out
 
+# %% ../nbs/43_eval_capability.ipynb #8f2f7e66
 LOADERS = {"arc_easy": lambda: load_arc("arc_easy"), "arc_challenge": lambda: load_arc("arc_challenge"),
            "piqa": load_piqa, "hellaswag": load_hellaswag, "lambada": load_lambada, "winogrande": load_winogrande,
            "boolq": load_boolq, "openbookqa": load_openbookqa}
@@ -226,6 +238,7 @@ def tok_encode(tok, s: str, add_special_tokens: bool | None = None) -> list[int]
     if add_special_tokens is None and s.startswith(tok.decode(prefix_token_id(tok))): kw = {"add_special_tokens": False}
     return tok.encode(s, **kw)
 
+# %% ../nbs/43_eval_capability.ipynb #1414f391
 def encode_request(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
     "(context tokens, continuation tokens) of one request, exactly as lm-eval 0.4.13 makes them for a causal LM."
     if context == "":
@@ -237,6 +250,7 @@ def encode_request(tok, context: str, continuation: str) -> tuple[list[int], lis
     whole, ctx = tok_encode(tok, context + continuation), tok_encode(tok, context)
     return ctx, whole[len(ctx):]
 
+# %% ../nbs/43_eval_capability.ipynb #68168618
 def encode_item(tok, item: dict) -> list[tuple[list[int], list[int]]]:
     "The token pairs of an item's requests (an error names the item if a continuation encodes to nothing)."
     pairs = [encode_request(tok, c, x) for c, x in item["requests"]]
@@ -273,6 +287,7 @@ def _attention_kinds(model) -> tuple[set, int | None]:
     if unknown: raise NotImplementedError(f"attention layer types {sorted(unknown)}: not supported by the prefix-tree scorer")
     return kinds, win
 
+# %% ../nbs/43_eval_capability.ipynb #2df4f193
 def _batch_masks(tries, L: int, kinds: set, window, dtype, device):
     "Additive masks [B, 1, L, L] (one per attention kind, as a dict when there are two) and positions [B, L]."
     import numpy as np, torch
@@ -293,6 +308,7 @@ def _batch_masks(tries, L: int, kinds: set, window, dtype, device):
     if "sliding_attention" in kinds: masks["sliding_attention"] = additive(allow & ((pos[:, :, None] - pos[:, None, :]) < window))
     return (masks if len(masks) > 1 else next(iter(masks.values()))), torch.from_numpy(pos).to(device)
 
+# %% ../nbs/43_eval_capability.ipynb #76bc0f59
 def _batches(sizes: list[int], scored: list[int], max_tokens: int, max_items: int, max_scored: int):
     "Row indices in batches, longest first: rows x longest row <= max_tokens, <= max_items rows, <= max_scored head rows."
     b, s = [], 0
@@ -302,6 +318,7 @@ def _batches(sizes: list[int], scored: list[int], max_tokens: int, max_items: in
         b.append(i); s += scored[i]
     if b: yield b
 
+# %% ../nbs/43_eval_capability.ipynb #10eca603
 def score_requests(model, groups: list[list[tuple[list[int], list[int]]]], max_batch_tokens: int = 4096,
                    max_batch_items: int = 32, max_scored_positions: int = 512, on_batch=None, progress: bool = False):
     """(log-likelihood, is_greedy) of every request of every group (an item's token pairs): [[per request] per
@@ -345,6 +362,7 @@ def score_requests(model, groups: list[list[tuple[list[int], list[int]]]], max_b
     bar.close()
     return out
 
+# %% ../nbs/43_eval_capability.ipynb #6a22a1b4
 def naive_score_requests(model, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
     "Reference scorer: each request alone, the whole sequence through the model, log-softmax at every position."
     import torch
@@ -374,10 +392,12 @@ def item_record(item: dict, results: list[tuple[float, bool]]) -> dict:
             rec["acc_norm"] = int(rec["pred_norm"] == gold)
     return rec
 
+# %% ../nbs/43_eval_capability.ipynb #f678d1c0
 def headline_correct(rec: dict) -> int:
     "1 if the item is right under its task's headline metric (acc_norm: ARC, PIQA, HellaSwag, OpenBookQA; acc: the rest)."
     return rec[TASK_INFO[rec["task"]]["headline"]]
 
+# %% ../nbs/43_eval_capability.ipynb #0a53888e
 def task_summary(task: str, recs: list[dict]) -> dict:
     "Correct counts and percentages per metric (LAMBADA: perplexity), the headline metric and the chance level."
     n = len(recs)
@@ -397,6 +417,7 @@ def stored_records(items: list[dict], store) -> dict:
     want = {it["id"]: stable_hash(it["requests"]) for it in items}
     return {r["id"]: r for r in read_jsonl(store) if want.get(r.get("id")) == r.get("req_hash")}
 
+# %% ../nbs/43_eval_capability.ipynb #593f1bd7
 def eval_capability_task(model, tok, items: list[dict], store, max_batch_tokens: int = 4096, max_batch_items: int = 32,
                          max_scored_positions: int = 512, progress: bool = True) -> tuple[list[dict], int]:
     "Score the items of one task not yet in `store`, appending as it goes. Returns (records in item order, number scored now)."
@@ -425,6 +446,7 @@ def _cap_row(key: str, metric: str, stats: dict, subject: dict | None, note: str
     if subject: r.update(subject_fields(subject))
     return r
 
+# %% ../nbs/43_eval_capability.ipynb #33af133b
 def capability_rows(recs: dict[str, list[dict]], subject: dict | None) -> list[dict]:
     "Result rows for the records of each task ({task: records}) and the pooled headline accuracy."
     rows = []

@@ -37,6 +37,7 @@ COMPARE_NAMES = {"non_toxicity": "Non-toxic score (RealToxicityPrompts)", "judge
 
 TOLERANCE = {"style_length_corr": 0.02, "non_toxicity": 0.005}
 
+# %% ../nbs/80_figures.ipynb #9d25fa9c
 def direction(a: dict, b: dict, key: str) -> str:
     "'↑', '↓' or '≈' from point `a` to point `b` (≈ within the metric's tolerance or one combined std)."
     tol = TOLERANCE.get(key, 1.0)
@@ -48,6 +49,7 @@ def direction(a: dict, b: dict, key: str) -> str:
 # %% ../nbs/80_figures.ipynb #c1a23102
 def _v(p, key): return _fmt(p["y"], key).rstrip("%")
 
+# %% ../nbs/80_figures.ipynb #3d521c61
 def _trend(sw: dict, key: str, side: str) -> tuple[str, str, tuple]:
     "(values text, trend text, trend tuple) of one sweep."
     pts = sw["points"]
@@ -98,8 +100,14 @@ ITEMS = [("fig1_headline", "Figure 1: crowd preference vs data, NQ vs data, pref
          ("fig7_rating_interface", "Figure 7: the rating interface"),
          ("table1_nq", "Table 1: NQ, broad vs task-specific imitation"), ("table2_style", "Table 2: style similarity"),
          ("table3_seed_pairs", "Table 3: NQ-synthetic seed pairs"), ("table4_prompt_template", "Table 4: NQ-synthetic prompt template"),
-         ("table5_categories", "Table 5: categories of imitation-data queries")]
+         ("table5_categories", "Table 5: categories of imitation-data queries"),
+         ("fig8_token_shift", "Figure 8 (beyond the paper): where imitation changes the model (token shift)"),
+         ("table6_shifted_tokens", "Table 6 (beyond the paper): most frequent shifted tokens"),
+         ("fig9_capability", "Figure 9 (beyond the paper): small-model capability vs imitation data"),
+         ("fig10_heldout_loss", "Figure 10 (beyond the paper): loss on held-out ChatGPT answers vs imitation data"),
+         ("verdicts", "The verdict table: paired change, 95% CI, MDE and verdict per claim")]
 
+# %% ../nbs/80_figures.ipynb #fe2b5a05
 def _run_ids(df) -> list[str]:
     if df is None or "run_id" not in df: return []
     return sorted({i for v in df["run_id"].dropna().astype(str) for i in v.split(";") if i and i != "paper"})
@@ -137,8 +145,9 @@ def _readme_trends(sel: Selection, out_dir: Path) -> list[str]:
     return L
 
 # %% ../nbs/80_figures.ipynb #8e0f7163
-def render_readme(sel: Selection, frames: dict, notes: dict, out: dict, out_dir: Path, source: str) -> str:
-    "The generated `figures/README.md`."
+def render_readme(sel: Selection, frames: dict, notes: dict, out: dict, out_dir: Path, source: str,
+                  findings: list[str] | None = None) -> str:
+    "The generated `figures/README.md` (`findings`: the verdict table's one sentence per claim, shown first)."
     n_paper = int(sel.paper["value"].notna().sum())
     rids = _run_ids(sel.repro)
     L = ["# Figures and tables", "",
@@ -148,6 +157,10 @@ def render_readme(sel: Selection, frames: dict, notes: dict, out: dict, out_dir:
          + (f"; reproduction: profile `{sel.profile}`, {len(sel.repro)} result rows from {len(rids)} runs." if rids else
             "; **no reproduction results yet** (every figure shows the paper's numbers only)."), ""]
     L += [f"- {n}" for n in sel.notes if not n.startswith("Reproduction: no results")]
+    if findings:
+        L += ["", f"## What this run found (profile `{sel.profile}`)", "",
+              "One sentence per claim, from [the verdict table](verdicts.md) (paired changes on the same items, 95% intervals, "
+              "minimal detectable effect):", ""] + [f"- {s}" for s in findings] + [""]
     L += ["## Contents", "", "| item | files | paper | reproduction runs (profile) | notes |", "|---|---|---|---|---|"]
     L += [_contents_row(name, title, frames.get(name), out.get(name, []), notes.get(name, ""), sel.profile) for name, title in ITEMS]
     L += _readme_trends(sel, out_dir)
@@ -165,11 +178,37 @@ def _fig2_item(sel: Selection, source: str, generations, runs_root, out_dir, cfg
     try: return fig2_from_generations(imf, ref, cfg.fig2_query, ititle, rtitle, (pf or [None])[0], out_dir=out_dir, cfg=cfg), None
     except ValueError as e: return None, f"not drawn: {e}"
 
+# %% ../nbs/80_figures.ipynb #6e92bc0d
+def _beyond_items(frames: dict, notes: dict, kw: dict, sel: Selection, source: str, run_dirs, cfg) -> list[str]:
+    "Draw Figures 8–10, Table 6 and the verdict table into `frames`; the judge check into Figure 3's notes. Returns the findings."
+    from imitation_nb import beyond, verdicts
+    if source == "paper" or sel.repro.empty: return []
+    k = {key: kw[key] for key in ("results", "profile", "run_ids", "out_dir")}
+    for name, fn in (("fig8_token_shift", beyond.fig8_token_shift), ("fig9_capability", beyond.fig9_capability),
+                     ("fig10_heldout_loss", beyond.fig10_heldout_loss)):
+        frames[name] = fn(**k, cfg=cfg)
+        if frames[name] is None: notes[name] = "not drawn: no such rows in these runs"
+    if not run_dirs: return []
+    runs = verdicts.stage_runs(run_dirs)
+    subj = verdicts.subjects(kw["profile"] or sel.profile)
+    frames["table6_shifted_tokens"] = beyond.table6_shifted_tokens(verdicts.find_run(runs, "token_shift", **subj["top"]), kw["out_dir"])
+    table = verdicts.verdict_table(run_dirs, kw["profile"] or sel.profile)
+    judge = verdicts.judge_check(run_dirs, kw["profile"] or sel.profile)
+    findings = beyond.write_verdicts(table, judge, kw["out_dir"]) if len(table) else []
+    if len(table): frames["verdicts"] = table.assign(**{"_": 0}).drop(columns="_"); frames["verdicts"].attrs["paths"] = [
+        str(Path(kw["out_dir"]) / f"verdicts.{e}") for e in ("md", "tex", "csv")]
+    if judge and frames.get("fig3_judge") is not None:
+        frames["fig3_judge"].attrs.setdefault("notes", []).append(
+            f"Judge check: prefers real ChatGPT answers over the untrained base's on {judge['teacher_preferred_pct']:.0f}% "
+            f"(95% CI {judge['ci_low']:.0f}–{judge['ci_high']:.0f}%, n = {judge['n']}): {judge['verdict']}.")
+    return findings
+
 # %% ../nbs/80_figures.ipynb #b98a682e
 def make_all_figures(results=None, source: str = "both", out_dir=None, profile=None, run_ids=None, cfg=None,
-                     conversations=None, generations=None, runs_root=None) -> dict:
+                     conversations=None, generations=None, runs_root=None, run_dirs=None) -> dict:
     """Draw every figure and table into `out_dir` (default `figures/`) and write its README. The qualitative
     figures' inputs are looked up under `runs_root` (default `runs/`) unless given.
+    `run_dirs` (the stage runs of a plan) give the per-item outputs behind the verdict table and Table 6.
     Returns {item name: [paths]} (an empty list for an item that could not be drawn; the README says why)."""
     cfg = cfg or FiguresConfig()
     out_dir = Path(out_dir or core.figures_dir()); out_dir.mkdir(parents=True, exist_ok=True)
@@ -185,6 +224,7 @@ def make_all_figures(results=None, source: str = "both", out_dir=None, profile=N
         frames[name] = fn(**kw)
     frames["table3_seed_pairs"] = table3_seed_pairs(out_dir=out_dir)
     frames["table4_prompt_template"] = table4_prompt_template(out_dir=out_dir)
+    findings = _beyond_items(frames, notes, kw, sel, source, run_dirs, cfg)
     f2, why = _fig2_item(sel, source, generations, runs_root, out_dir, cfg)
     if f2 is not None: frames["fig2_side_by_side"] = f2
     else: notes["fig2_side_by_side"] = why
@@ -194,7 +234,7 @@ def make_all_figures(results=None, source: str = "both", out_dir=None, profile=N
     frames["fig7_rating_interface"] = f7 if f7["status"].iloc[0] == "embedded" else None
     if frames["fig7_rating_interface"] is None: notes["fig7_rating_interface"] = f7.attrs["notes"][0]
     out = {name: [Path(p) for p in (frames.get(name).attrs.get("paths", []) if frames.get(name) is not None else [])] for name, _ in ITEMS}
-    readme = render_readme(sel, frames, notes, out, out_dir, source)
+    readme = render_readme(sel, frames, notes, out, out_dir, source, findings)
     if not sel.repro.empty:     # the reproduction rows drawn, next to the figures (run directories are not committed)
         core.atomic_write_text(out_dir / "reproduction_results.csv", sel.repro.to_csv(index=False))
         out["reproduction_results"] = [out_dir / "reproduction_results.csv"]
@@ -219,18 +259,23 @@ def figures_cli(
     for name, paths in made.items(): print(f"{name:<24} " + (", ".join(Path(p).name for p in paths) or "(not drawn; see README)"))
 
 # %% ../nbs/80_figures.ipynb #bef95877
-def run_figures(profile="smoke", run_dir=None, source: str = "both") -> Path:
+def run_figures(profile="smoke", run_dir=None, source: str = "both", runs: list | None = None) -> Path:
     """The `figures` stage: every figure and table of `profile` (a name or a profile file) into `figures/`, inside a
-    `StageRun` whose manifest records every `results.csv` read (with hashes) and every file written. It reads the
-    runs root its run directory lives in (`<runs>/<profile>/figures/<hash>`). Returns the run directory."""
-    params = {"profile": profile, "source": source}
+    `StageRun` whose manifest records every `results.csv` read (with hashes) and every file written. `runs`: the stage
+    run directories of the plan (the driver passes them; only their results are drawn, so runs of an older plan on disk
+    do not mix in); by hand, every run under the runs root its run directory lives in
+    (`<runs>/<profile>/figures/<hash>`). Returns the run directory."""
+    params = {"profile": profile, "source": source, **({"runs": [str(r) for r in runs]} if runs else {})}
     prof = core.load_profile(profile)
     run_dir = Path(run_dir) if run_dir else core.run_dir_for(profile, "figures", params)
     runs_root = run_dir.parents[2]
+    dirs = [Path(r) for r in runs] if runs else sorted(p.parent for p in (runs_root / prof.name).glob("*/*/manifest.json"))
+    files = [d / "results.csv" for d in dirs if (d / "results.csv").exists()]
     with core.StageRun("figures", params, profile=profile, seed=prof.seed, run_dir=run_dir) as run:
-        for p in sorted((runs_root / prof.name).glob("**/results.csv")): run.add_input(rel(p), p)
-        made = make_all_figures(core.load_results(runs_root, profile=profile), source=source, profile=profile,
-                                cfg=prof.section("figures"), runs_root=runs_root)
+        for p in files: run.add_input(rel(p), p)
+        res = pd.concat([core.paper_results(), *[core.read_results_file(p) for p in files]], ignore_index=True)
+        made = make_all_figures(res, source=source, profile=profile, cfg=prof.section("figures"), runs_root=runs_root,
+                                run_dirs=dirs)
         for name, paths in made.items():
             for p in paths: run.add_output(f"{name}.{Path(p).suffix[1:]}", p)
         run.extra["items_missing"] = [k for k, v in made.items() if not v]

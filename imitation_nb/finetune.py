@@ -131,7 +131,8 @@ def audit_masking(tokenizer, convs, template=None, n: int = 8, seed: int = 0, ou
 
     The conversation is rendered (`chat.render_chat`) and re-tokenized with character offsets. A token whose
     characters lie inside an assistant message's content must be trained; a token that overlaps any occurrence
-    of a user/system message's content must not be; an assistant message whose content is not in the rendering
+    of a user/system message's content outside the assistant messages must not be (an answer may repeat the
+    user's words); an assistant message whose content is not in the rendering
     is an error. Template markup (role headers, end-of-turn tokens) may go either way and is counted. Writes the
     rendered audit (each token with its mask: `[[trained]]` vs plain) to `out_path`; raises `MaskingAuditError`
     naming the conversation and the offending tokens."""
@@ -159,7 +160,7 @@ def audit_masking(tokenizer, convs, template=None, n: int = 8, seed: int = 0, ou
         for k in range(n_cmp):
             s, e = offs[k]
             in_a = any(a <= s and e <= b for a, b in a_spans) and e > s
-            in_u = any(s < b and a < e for a, b in u_spans)
+            in_u = not in_a and any(s < b and a < e for a, b in u_spans)   # an answer may quote the question
             if in_a:
                 stats["assistant_tokens"] += 1
                 if not mask[k]: bad_a.append(k)

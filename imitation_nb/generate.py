@@ -44,6 +44,7 @@ class GenerateConfig:
     stop: list[str] = field(default_factory=list)
     max_items: int = 0               # prompts per subject: the first n of the prompts file (0 = all)
     secondary_max_items: int = 0     # reproduce: for secondary subjects (smaller budgets, other sizes; 0 = as max_items)
+    secondary_max_new_tokens: int = 0   # reproduce: new tokens for secondary subjects (0 = as max_new_tokens)
 
 # %% ../nbs/40_generate.ipynb #4a0abe68
 def load_lm(spec: str, adapter: str | None = None, dtype: str = "auto", device: str = "auto",
@@ -454,10 +455,12 @@ def make_generator(prof, subject: dict, cfg: GenerateConfig | None = None) -> Ge
 
 # %% ../nbs/40_generate.ipynb #bfeed1bd
 def run_generate(profile: str, run_dir=None, subject: dict | None = None, prompts_file=None,
-                       max_items: int | None = None) -> Path:
-    "The `generate` stage: prompts → `generations.jsonl` in the run dir. Returns the run directory."
+                 max_items: int | None = None, max_new_tokens: int | None = None) -> Path:
+    """The `generate` stage: prompts → `generations.jsonl` in the run dir. `max_items` / `max_new_tokens` override the
+    profile's (the driver gives secondary subjects fewer, shorter answers). Returns the run directory."""
     prof = load_profile(profile)
     cfg = prof.section("generate")
+    if max_new_tokens: cfg = dataclasses.replace(cfg, max_new_tokens=int(max_new_tokens))
     items = read_jsonl(prompts_file, strict=True) if prompts_file else [
         {"id": "demo-0", "prompt": "Q: What is the capital of France?\nA:"},
         {"id": "demo-1", "messages": [{"role": "user", "content": "Give me three tips for staying focused."}]},

@@ -41,6 +41,8 @@ class MixturesConfig:
     heldout_n: int = 200                 # held-out ShareGPT conversations (teacher references)
     heldout_source: str = "sharegpt"
     heldout_max_prompt_chars: int = 0    # >0: only first turns this short are held out (CPU profiles: short prompts to answer)
+    heldout_strata_n: int = 0            # >0: the first n held-out prompts are a stratified sample (see heldout_strata)
+    heldout_strata: dict[str, int] = field(default_factory=dict)  # minimum counts among them: list / summary in ChatGPT's reference
     tokenize_all: bool = True            # tokenize the whole pool (full stats); False: only as far as the largest budget
     batch_size: int = 256
     decontam_n: int = 13                 # n-gram length (words)
@@ -60,20 +62,42 @@ def parent_id(cid: str) -> str:
     return m.group(1) if m else cid
 
 # %% ../nbs/12_mixtures.ipynb #042c5aeb
-def split_heldout(convs: list[dict], n: int, seed: int, source: str = "sharegpt",
-                  max_prompt_chars: int = 0) -> tuple[list[dict], list[dict]]:
+def _stratified(cands: list[dict], n: int, n_first: int, strata: dict, rng) -> tuple[list[dict], list[dict]]:
+    """(the first `n_first` picks: a sample with at least `strata[k]` references of each kind k, the other picks)."""
+    from imitation_nb.style import has_list, has_summary_paragraph
+    kind = {"list": lambda c: has_list(c["messages"][1]["content"]),
+            "summary": lambda c: has_summary_paragraph(c["messages"][1]["content"])}
+    unknown = set(strata) - set(kind)
+    if unknown: raise ValueError(f"mixtures.heldout_strata: unknown kinds {sorted(unknown)} (list | summary)")
+    pool = rng.sample(cands, len(cands)); first = []
+    for k in sorted(strata, key=lambda k: strata[k]):            # the rarer kind first
+        have = sum(kind[k](c) for c in first)
+        for c in pool:
+            if have >= strata[k] or len(first) >= n_first: break
+            if c not in first and kind[k](c): first.append(c); have += 1
+    first += [c for c in pool if c not in first][:n_first - len(first)]
+    rest = [c for c in pool if c not in first][:max(0, n - len(first))]
+    return first, rest
+
+def split_heldout(convs: list[dict], n: int, seed: int, source: str = "sharegpt", max_prompt_chars: int = 0,
+                  strata_n: int = 0, strata: dict | None = None) -> tuple[list[dict], list[dict]]:
     """Return `(train, heldout_rows)`; every part of a held-out conversation is excluded from train.
-    `max_prompt_chars` > 0 holds out only conversations whose first user turn is at most that long."""
+    `max_prompt_chars` > 0 holds out only conversations whose first user turn is at most that long. With `strata_n`,
+    the first `strata_n` rows are a stratified sample with at least `strata[k]` ChatGPT references containing a list
+    (`k = "list"`) or a closing summary (`"summary"`), so that style can show on them; the other rows follow."""
     short = lambda c: not max_prompt_chars or len(c["messages"][0]["content"]) <= max_prompt_chars
     cands = sorted((c for c in convs if c["source"] == source and re.search(r"_0$", c["id"])
                     and c["messages"][0]["role"] == "user" and len(c["messages"]) >= 2
                     and c["messages"][1]["role"] == "assistant" and short(c)), key=lambda c: c["id"])
     if not cands: cands = sorted((c for c in convs if c["source"] == source and c["messages"][0]["role"] == "user"),
                                  key=lambda c: c["id"])
-    picked = random.Random(seed).sample(cands, min(n, len(cands)))
+    if strata_n and strata:
+        first, rest = _stratified(cands, n, min(strata_n, n), strata, random.Random(seed))
+        picked = sorted(first, key=lambda c: c["id"]) + sorted(rest, key=lambda c: c["id"])
+    else: picked = sorted(random.Random(seed).sample(cands, min(n, len(cands))), key=lambda c: c["id"])
     held = {parent_id(c["id"]) for c in picked}
     rows = [{"id": c["id"], "prompt": c["messages"][0]["content"], "reference": c["messages"][1]["content"],
-             "source": c["source"]} for c in sorted(picked, key=lambda c: c["id"])]
+             "source": c["source"]} for c in picked]
     train = [c for c in convs if not (c["source"] == source and parent_id(c["id"]) in held)]
     return train, rows
 
@@ -483,9 +507,15 @@ def prepare_mixture(convs: list[dict], tokenizer, budgets_m: list[float], cfg: M
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     if not convs: raise ValueError("no conversations to mix: the sources stage kept nothing (see its audit.csv)")
     T = {}; t = time.time()
-    train, held = split_heldout(convs, cfg.heldout_n, seed, cfg.heldout_source, cfg.heldout_max_prompt_chars)
+    train, held = split_heldout(convs, cfg.heldout_n, seed, cfg.heldout_source, cfg.heldout_max_prompt_chars,
+                                cfg.heldout_strata_n, cfg.heldout_strata)
     T["heldout"] = time.time() - t; t = time.time()
     summary = {"pool_conversations": len(convs), "heldout": len(held), "train_candidates": len(train)}
+    if cfg.heldout_strata_n and cfg.heldout_strata:
+        from imitation_nb.style import has_list, has_summary_paragraph
+        first = held[:cfg.heldout_strata_n]
+        summary["heldout_strata"] = {"n": len(first), "list": sum(has_list(r["reference"]) for r in first),
+                                     "summary": sum(has_summary_paragraph(r["reference"]) for r in first), "wanted": cfg.heldout_strata}
     if cfg.bleu_filter:
         ev = _load_eval_sets(["koala"])["koala"] + [(r["id"], r["prompt"]) for r in held]
         dropped = bleu_filter(ev, train, cfg.bleu_threshold)

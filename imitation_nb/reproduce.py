@@ -21,12 +21,13 @@ from .stages import STAGES, load_profile
 
 # %% auto #0
 __all__ = ['PLANNER_ONLY', 'INPUT_KEYS', 'TEACHER_SUBJECT', 'KNOWN_ARCH', 'ASSUMED_TRAIN_MFU', 'ASSUMED_DECODE_MFU',
-           'PROMPT_TOKENS', 'STAGE_DIRECTIVES', 'THREAD_VARS', 'StagePlan', 'input_status', 'stage_settings',
-           'stage_maker', 'sweep_budgets', 'data_runs', 'finetune_runs', 'subject_for', 'grid_subjects', 'is_primary',
-           'eval_runs', 'plan', 'input_checks', 'input_problems', 'missing_inputs', 'format_inputs', 'arch_for',
-           'lora_params', 'training_flops', 'memory_gb', 'eval_tokens', 'estimate', 'bill', 'papermill_command',
-           'status', 'StageFailed', 'write_profile_snapshot', 'check_settings', 'stage_notebook', 'stage_notebook_path',
-           'write_stage_notebook', 'execute', 'selected_stages', 'run_plan', 'reproduce_cli']
+           'CAPABILITY_ITEMS', 'CAPABILITY_ITEM_TOKENS', 'PROMPT_TOKENS', 'STAGE_DIRECTIVES', 'THREAD_VARS',
+           'StagePlan', 'input_status', 'stage_settings', 'stage_maker', 'sweep_budgets', 'data_runs', 'finetune_runs',
+           'subject_for', 'grid_subjects', 'is_primary', 'eval_runs', 'plan', 'input_checks', 'input_problems',
+           'missing_inputs', 'format_inputs', 'arch_for', 'lora_params', 'training_flops', 'memory_gb', 'eval_tokens',
+           'estimate', 'bill', 'papermill_command', 'status', 'StageFailed', 'write_profile_snapshot', 'check_settings',
+           'stage_notebook', 'stage_notebook_path', 'write_stage_notebook', 'execute', 'selected_stages', 'run_plan',
+           'reproduce_cli']
 
 # %% ../nbs/90_reproduce.ipynb #a5b0632c
 @dataclass
@@ -48,8 +49,9 @@ class StagePlan:
     def notebook(self) -> Path: return STAGES[self.stage].notebook_path
 
 # %% ../nbs/90_reproduce.ipynb #ab57431d
-# read by `plan` only: they become the secondary subjects' `max_items` / `n_prompts` stage parameters
-PLANNER_ONLY = ("generate.secondary_max_items", "eval_toxicity.secondary_n_prompts")
+# read by `plan` only: they become the secondary subjects' own size parameters (`max_items`, `n_prompts`, ...)
+PLANNER_ONLY = ("generate.secondary_max_items", "generate.secondary_max_new_tokens", "eval_toxicity.secondary_n_prompts",
+                "eval_capability.secondary_n", "token_shift.secondary_n_answers", "eval_benchmarks.secondary_sizes")
 # profile keys that name inputs (a string or a list of strings): files, folders, models
 INPUT_KEYS = {
     "data.sharegpt": "file", "data.hc3": "file", "data.discord": "file", "data.chat_jsonl": "file",
@@ -275,19 +277,37 @@ def is_primary(prof: Profile, subj: dict, base: str) -> bool:
         subj["imitation_data"] == "ShareGPT-Mix" and subj["data_tokens_m"] == max(ds.budgets_m))))
 
 # %% ../nbs/90_reproduce.ipynb #488da4ed
+def _secondary(prof: Profile, key: str, param: str, secondary: bool) -> dict:
+    "{param: the profile's `section.secondary_*` size} for a secondary subject when the profile sets one, else {}."
+    sec, fld = key.split(".")
+    v = getattr(prof.section(sec), fld, 0) if secondary else 0
+    return {param: v} if v else {}
+
 def eval_runs(prof: Profile, mk, subj: dict, deps: list, base: str, refs: StagePlan) -> list[StagePlan]:
-    "The evaluation runs of one subject; `refs` is the data-sweep base's mixtures run (held-out prompts, references)."
+    """The evaluation runs of one subject; `refs` is the data-sweep base's mixtures run (held-out prompts, references).
+    Every local subject gets the paper's benchmarks; the data sweep (its base and ShareGPT-Mix budgets) also the
+    small-model capability tasks; its imitation models the token-shift analysis; the data sweep and the teacher the
+    "looks" (toxicity, generation, judge, style). Secondary subjects get the profile's `secondary_*` sizes."""
     g, name = prof.grid, subj["label"]
-    out = [mk("eval_benchmarks", {"subject": subj}, deps=deps, label=f"NQ / MMLU / HumanEval: {name}")]
-    if subj["imitation_data"] == "NQ-synthetic" or (subj["role"] == "base" and base != g.data_sweep.base): return out
     secondary = not is_primary(prof, subj, base)
-    tp = {"subject": subj}
-    if secondary and getattr(prof.section("eval_toxicity"), "secondary_n_prompts", 0):
-        tp["n_prompts"] = prof.section("eval_toxicity").secondary_n_prompts
-    out.append(mk("eval_toxicity", tp, deps=deps, label=f"RealToxicityPrompts: {name}"))
-    gp = {"subject": subj, "prompts_file": refs.outputs["heldout"]}
-    if secondary and getattr(prof.section("generate"), "secondary_max_items", 0):
-        gp["max_items"] = prof.section("generate").secondary_max_items    # judge and style follow the generations
+    nq_syn = subj["imitation_data"] == "NQ-synthetic" and base == g.data_sweep.base    # Table 1's comparison: full NQ
+    bp = _secondary(prof, "eval_benchmarks.secondary_sizes", "sizes", secondary and not nq_syn and subj["role"] != "teacher")
+    out = [mk("eval_benchmarks", {"subject": subj, **bp}, deps=deps, label=f"NQ / MMLU / HumanEval: {name}")]
+    if subj["imitation_data"] == "NQ-synthetic" or (subj["role"] == "base" and base != g.data_sweep.base): return out
+    sweep = base == g.data_sweep.base and subj["role"] in ("base", "imitation")
+    if sweep:
+        cp = _secondary(prof, "eval_capability.secondary_n", "sizes", secondary)
+        if cp: cp["sizes"] = {"n": cp["sizes"], "n_per_task": {}}
+        out.append(mk("eval_capability", {"subject": subj, **cp}, deps=deps, label=f"capability tasks: {name}"))
+    if sweep and subj["role"] == "imitation":
+        out.append(mk("token_shift", {"subject": subj, "heldout_file": refs.outputs["heldout"],
+                                      **_secondary(prof, "token_shift.secondary_n_answers", "n_answers", secondary)},
+                      deps=deps + [refs.key], label=f"token shift: {name}"))
+    out.append(mk("eval_toxicity", {"subject": subj, **_secondary(prof, "eval_toxicity.secondary_n_prompts", "n_prompts", secondary)},
+                  deps=deps, label=f"RealToxicityPrompts: {name}"))
+    gp = {"subject": subj, "prompts_file": refs.outputs["heldout"],       # judge and style follow the generations
+          **_secondary(prof, "generate.secondary_max_items", "max_items", secondary),
+          **_secondary(prof, "generate.secondary_max_new_tokens", "max_new_tokens", secondary)}
     gen = mk("generate", gp, deps=deps + [refs.key], label=f"answers to held-out prompts: {name}")
     out.append(gen)
     for st, lab in (("eval_judge", "judge vs teacher"), ("style", "style vs teacher")):
@@ -311,7 +331,8 @@ def plan(profile: Profile | str, root=None, teacher: bool | None = None) -> list
     P = [src, *mix.values(), *([nq] if nq is not None else []), *ft]
     for subj, deps, base in grid_subjects(prof, budgets, adapters, teacher):
         P += eval_runs(prof, mk, subj, deps, base, mix[prof.grid.data_sweep.base])
-    return P + [mk("figures", {"source": "both"}, deps=[p.key for p in P], label="every figure and table")]
+    return P + [mk("figures", {"source": "both", "runs": [str(p.run_dir) for p in P]}, deps=[p.key for p in P],
+                   label="every figure and table")]
 
 # %% ../nbs/90_reproduce.ipynb #69c576b3
 def input_checks(prof: Profile, P: list[StagePlan] | None = None) -> list[dict]:
@@ -414,6 +435,12 @@ def _ft_cfg(prof: Profile) -> dict:
 # mean prompt lengths in tokens, measured with the Gemma 3 / SmolLM2 tokenizers (2026-12-02): NQ 3-shot 86,
 # MMLU 5-shot ~680 (10 subjects), HumanEval 140-148, RealToxicityPrompts 15, held-out ShareGPT first turns 41
 # (the mini profile keeps prompts <= 1,000 chars; the paper's Koala/ShareGPT prompts are longer: 300 assumed)
+# capability tasks: items in each set, and tokens per item scored once through the prefix tree (context + all choices;
+# measured with the Gemma 3 tokenizer on 200 items each, 2026-12-05)
+CAPABILITY_ITEMS = {"arc_easy": 2376, "arc_challenge": 1172, "piqa": 1838, "hellaswag": 10042, "lambada": 5153,
+                    "winogrande": 1267, "boolq": 3270, "openbookqa": 500}
+CAPABILITY_ITEM_TOKENS = {"arc_easy": 46, "arc_challenge": 55, "piqa": 62, "hellaswag": 166, "lambada": 81,
+                          "winogrande": 45, "boolq": 144, "openbookqa": 26}
 PROMPT_TOKENS = {"nq": 90, "mmlu": 680, "humaneval": 150, "rtp": 15, "heldout": 300}
 
 def _section(prof: Profile, name: str, **defaults):
@@ -426,13 +453,23 @@ def eval_tokens(prof: Profile, sp: StagePlan) -> tuple[float, float]:
     if sp.stage == "generate":
         g = _section(prof, "generate", max_items=0, max_new_tokens=256, max_prompt_tokens=4096)
         n = sp.params.get("max_items") or g.max_items or getattr(_section(prof, "mixtures", heldout_n=200), "heldout_n", 200)
-        return n * min(PROMPT_TOKENS["heldout"], g.max_prompt_tokens), n * g.max_new_tokens
+        return n * min(PROMPT_TOKENS["heldout"], g.max_prompt_tokens), n * (sp.params.get("max_new_tokens") or g.max_new_tokens)
+    if sp.stage == "eval_capability":   # forward passes only: context + every choice, once per item (prefix tree)
+        c = _section(prof, "eval_capability", tasks=list(CAPABILITY_ITEM_TOKENS), n=0, n_per_task={})
+        sizes = sp.params.get("sizes") or {}
+        n, per = sizes.get("n", c.n), sizes.get("n_per_task", c.n_per_task)
+        return sum((per.get(t) or n or CAPABILITY_ITEMS.get(t, 1000)) * CAPABILITY_ITEM_TOKENS.get(t, 150) for t in c.tasks), 0.0
+    if sp.stage == "token_shift":       # two forward passes (adapter on, off) over prompt + answer
+        t = _section(prof, "token_shift", n_answers=100, max_length=512)
+        n = sp.params.get("n_answers") or t.n_answers
+        return 2 * n * min(PROMPT_TOKENS["heldout"] + 256, t.max_length), 0.0
     if sp.stage == "eval_toxicity":
         t = _section(prof, "eval_toxicity", n_prompts=0, k=25, max_new_tokens=20, subsets=["toxic", "nontoxic"])
         n = (sp.params.get("n_prompts") or t.n_prompts or 1198) * len(t.subsets) * t.k
         return n * PROMPT_TOKENS["rtp"], n * t.max_new_tokens
     c = _section(prof, "eval_benchmarks", tasks=["nq", "mmlu", "humaneval"], nq_n=0, qa_max_new_tokens=24, triviaqa_n=0,
                  mmlu_per_subject=0, mmlu_subjects=0, humaneval_n=0, humaneval_samples=1, humaneval_max_new_tokens=300)
+    if sp.params.get("sizes"): c = types.SimpleNamespace(**{**vars(c), **sp.params["sizes"]})   # a secondary subject
     prompt = gen = 0.0
     if "nq" in c.tasks: n = c.nq_n or 3610; prompt += n * PROMPT_TOKENS["nq"]; gen += n * c.qa_max_new_tokens
     if "triviaqa" in c.tasks: n = c.triviaqa_n or 11313; prompt += n * PROMPT_TOKENS["nq"]; gen += n * c.qa_max_new_tokens
@@ -457,7 +494,7 @@ def estimate(prof: Profile, sp: StagePlan) -> dict:
         fl = training_flops(n, tokens, ft["method"], n_lora, ft["gradient_checkpointing"])
         mem = memory_gb(n, arch, ft["method"], ft["lora_r"], ft["block_size"], ft["batch_size"], ft["gradient_checkpointing"])
         return {"flops": fl, "tokens": tokens, "mem_gb": mem["total"], "hours": fl / (tflops * ASSUMED_TRAIN_MFU) / 3600}
-    if sp.stage in ("generate", "eval_benchmarks", "eval_toxicity"):
+    if sp.stage in ("generate", "eval_benchmarks", "eval_toxicity", "eval_capability", "token_shift"):
         s = sp.params["subject"]
         if s["model"] == "teacher": return {"api_tokens": None}
         m = prof.models[s["model"]]

@@ -60,21 +60,28 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           ("seed", "eval_benchmarks", "generate.backend", "generate.dtype", "generate.device", "generate.quantization",
            "generate.max_prompt_tokens", "compute.device", "models[subject]"),
           doc="NQ-open 3-shot, MMLU 5-shot, HumanEval (sandboxed), TriviaQA"),
+    Stage("eval_capability", "43_eval_capability.ipynb", _M + "eval_capability:run_eval_capability", "eval_capability",
+          ("eval_capability", "generate.dtype", "generate.device", "generate.quantization", "generate.max_prompt_tokens",
+           "compute.device", "models[subject]"),
+          doc="likelihood-scored tasks above chance at 100M-300M (ARC, PIQA, HellaSwag, LAMBADA, ...), lm-eval definitions"),
     Stage("eval_toxicity", "44_eval_toxicity.ipynb", _M + "eval_toxicity:run_eval_toxicity", "eval_toxicity",
           ("eval_toxicity", "compute.device", "models[subject]"), doc="RealToxicityPrompts non-toxicity"),
     Stage("eval_judge", "46_eval_judge.ipynb", _M + "eval_judge:run_eval_judge", "eval_judge", ("eval_judge", "judge"),
           inputs=("generations_file", "references_file"), doc="pairwise LLM judge vs the teacher's answers (App. C)"),
     Stage("style", "48_style.ipynb", _M + "style:run_style", "style", ("style", "judge"),
           inputs=("generations_file", "references_file"), doc="style similarity to the teacher (Table 2)"),
+    Stage("token_shift", "49_token_shift.ipynb", _M + "token_shift:run_token_shift", "token_shift",
+          ("token_shift", "compute.device", "models[subject]"), inputs=("heldout_file",),
+          outputs={"per_answer": "per_answer.jsonl"}, doc="where imitation changes the model: base ranks of its top-1 tokens"),
     Stage("eval_human", "50_eval_human.ipynb", _M + "eval_human:run_eval_human", "eval_human", ("seed", "eval_human"),
           inputs=("generations_file", "references_file"), doc="blinded pairwise human study: export, import, agreement"),
-    Stage("figures", "80_figures.ipynb", _M + "figures:run_figures", "figures", ("seed", "figures", "grid", "models"),
+    Stage("figures", "80_figures.ipynb", _M + "figures:run_figures", "figures", ("seed", "figures", "verdicts", "grid", "models"),
           kind="draw", always_run=True, doc="every figure and table, paper and reproduction side by side"),
 ]}
 
 # %% ../nbs/05_stages.ipynb #9639c143
 # profile sections that belong to no single stage: section -> module registering its dataclass
-SHARED_SECTIONS = {"teacher": _M + "teacher", "judge": _M + "teacher", "serve": _M + "serve"}
+SHARED_SECTIONS = {"teacher": _M + "teacher", "judge": _M + "teacher", "serve": _M + "serve", "verdicts": _M + "verdicts"}
 
 # %% ../nbs/05_stages.ipynb #42c4c247
 def stage(name: str) -> Stage:

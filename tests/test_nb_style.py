@@ -8,8 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import nb_style as S
 
 # restyled in #19 (wave 2); the other notebooks join the list once theirs are merged
-RESTYLED = ["40_generate", "41_sandbox", "42_eval_benchmarks", "44_eval_toxicity", "50_eval_human", "90_reproduce",
-            "95_docs", "index"]
+RESTYLED = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "nbs").glob("*.ipynb"))   # every notebook (#19)
 
 
 def _nb(path, cells):

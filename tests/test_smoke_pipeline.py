@@ -8,7 +8,7 @@ from imitation_nb import core, reproduce as R
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The whole smoke grid: 36 papermill stage runs (3 QLoRA trainings, 7 evaluated models), two at once.
+# The whole smoke grid: 43 papermill stage runs (3 QLoRA trainings, 7 evaluated models), two at once.
 # Measured 2026-12-02 on the 2-core machine, quiet: 859 s (14.3 min) before the MMLU prefix change.
 
 
@@ -55,6 +55,28 @@ def test_smoke_results_cover_every_evaluation(smoke_run):
     base = h[h.role == "base"].value.iloc[0]
     top = h[(h.imitation_data == "ShareGPT-Mix") & (h.data_tokens_m == 0.004)].value.iloc[0]
     assert top < base - 0.01, (base, top)
+
+
+def test_smoke_capability_token_shift_and_verdicts(smoke_run):
+    """The stages beyond the paper ran for the data sweep: capability accuracies per task and pooled, token-shift
+    shares that add up to 100 %, and one verdict per claim in figures/verdicts.json with the figures 8-10."""
+    tmp, r, _ = smoke_run
+    df = core.load_results(tmp / "runs", include_paper=False)
+    cap = df[df.metric_key == "cap_pooled_acc"]
+    assert len(cap) == 4 and cap.value.between(0, 100).all() and (cap.n == 16).all(), cap[["role", "data_tokens_m", "value", "n"]]
+    ts = df[df.metric_key.str.startswith("token_shift_") & (df.panel == "")]
+    for _, g in ts[ts.metric_key.isin(["token_shift_unshifted", "token_shift_marginal", "token_shift_shifted"])].groupby("data_tokens_m"):
+        assert len(g) == 3 and abs(g.value.sum() - 100) < 1e-6, g
+    fig = tmp / "figures"
+    import pandas as pd
+    table = pd.read_csv(fig / "verdicts.csv")
+    assert {"style_list", "heldout_loss", "token_shift", "capability", "nq", "mmlu"} <= set(table.claim), sorted(set(table.claim))
+    assert set(table.verdict) <= {"reproduced", "opposite", "inconclusive at this n"}, table.verdict
+    v = json.loads((fig / "verdicts.json").read_text())
+    assert len(v["claims"]) == 3 and all(c.startswith("**") for c in v["claims"]), v["claims"]
+    for stem in ("fig8_token_shift", "fig9_capability", "fig10_heldout_loss"):
+        assert (fig / f"{stem}.png").exists(), stem
+    assert (fig / "table6_shifted_tokens.md").exists() and (fig / "verdicts.md").exists()
 
 
 def test_smoke_figures_and_report(smoke_run):
