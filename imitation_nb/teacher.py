@@ -87,7 +87,8 @@ def config_from(cfg=None, section: str = "teacher", **overrides) -> ChatConfig:
     from imitation_nb.core import build_dataclass, load_profile, deep_merge
     cls = JudgeConfig if section == "judge" else TeacherConfig
     if cfg is None: base = {}
-    elif isinstance(cfg, ChatConfig): base = dataclasses.asdict(cfg)
+    elif isinstance(cfg, ChatConfig) or (dataclasses.is_dataclass(cfg) and not isinstance(cfg, type)):
+        base = dataclasses.asdict(cfg)      # also a config built by a notebook's own copy of the class (nbdev-test, papermill)
     elif isinstance(cfg, dict): base = dict(cfg)
     else: base = dataclasses.asdict(load_profile(cfg).section(section))
     nested = {}
