@@ -702,13 +702,17 @@ def reproduce_cli(
     runs: str = None,  # runs root (default: runs/ or $IMITATION_NB_RUNS)
     no_teacher: bool = False,  # skip evaluating the teacher through the same code
     allow_unsandboxed_code: bool = False,  # run HumanEval completions even where no sandbox is available (see 41_sandbox)
+    executor: str = "local",  # local: papermill here; slurm: one sbatch job per stage run (nbs/93_slurm, `imitation-nb status`)
 ):
     "Run (or plan) a profile's grid: collect → fine-tune → evaluate → draw, each stage a papermill run."
     if allow_unsandboxed_code: os.environ["IMITATION_NB_ALLOW_UNSANDBOXED_CODE"] = "1"   # the stage kernels inherit it
+    from imitation_nb.stages import executor as executor_fn
+    submit = None if executor == "local" else executor_fn(executor)   # an unknown executor fails before planning
     prof = load_profile(profile)
     P = plan(prof, root=runs, teacher=False if no_teacher else None)
     selected_stages(P, only)
     rows = input_checks(prof, P); missing = missing_inputs(prof, rows)
+    if submit is not None: return submit(prof, P, only=only, force=force, dry_run=dry_run, inputs=rows)
     if dry_run:
         print(f"profile '{prof.name}' ({Path(prof.file).resolve()}): {prof.description}\n"
               f"{len(P)} stage runs (runs root {Path(runs or runs_dir()).absolute()}):\n")

@@ -15,7 +15,8 @@ from . import core
 from .core import Profile, UserError, nbs_dir
 
 # %% auto #0
-__all__ = ['STAGES', 'SHARED_SECTIONS', 'COMMANDS', 'Stage', 'stage', 'entry_point', 'section_owners', 'load_profile', 'command']
+__all__ = ['STAGES', 'SHARED_SECTIONS', 'COMMANDS', 'EXECUTORS', 'Stage', 'stage', 'entry_point', 'section_owners',
+           'load_profile', 'command', 'executor']
 
 # %% ../nbs/05_stages.ipynb #680d7a5f
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
 
 # %% ../nbs/05_stages.ipynb #9639c143
 # profile sections that belong to no single stage: section -> module registering its dataclass
-SHARED_SECTIONS = {"teacher": _M + "teacher", "judge": _M + "teacher", "serve": _M + "serve", "verdicts": _M + "verdicts"}
+SHARED_SECTIONS = {"teacher": _M + "teacher", "judge": _M + "teacher", "serve": _M + "serve", "verdicts": _M + "verdicts",
+                   "slurm": _M + "slurm"}
 
 # %% ../nbs/05_stages.ipynb #42c4c247
 def stage(name: str) -> Stage:
@@ -127,9 +129,24 @@ COMMANDS = {   # command -> ("module:function", one-line help)
     "profiles": (_M + "cli:profiles_cli", "list or validate profiles"),
     "docs": (_M + "docs:docs_cli", "build README.md and the offline HTML docs (_docs/)"),
     "figures": (_M + "figures:figures_cli", "regenerate every figure and table (paper and runs side by side)"),
+    "status": (_M + "slurm:status_cli", "where each stage run of a profile's plan is: done, queued, running, failed, pending"),
+    "cancel": (_M + "slurm:cancel_cli", "cancel the queued and running SLURM jobs of a profile's plan"),
 }
 
 def command(name: str):
     "The call_parse function of command `name`."
     mod, fn = COMMANDS[name][0].split(":")
+    return getattr(importlib.import_module(mod), fn)
+
+EXECUTORS = {   # `reproduce --executor NAME` -> "module:function" taking (profile, plan, only, force, dry_run, inputs)
+    "slurm": _M + "slurm:submit_plan",         # one sbatch job per stage run (the default, `local`, is reproduce.run_plan)
+}
+
+def executor(name: str):
+    "The function that hands a plan to executor `name` (a `UserError` naming the known ones otherwise)."
+    if name not in EXECUTORS:
+        close = difflib.get_close_matches(name, ["local", *EXECUTORS], n=1)
+        raise UserError(f"--executor: unknown executor '{name}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+                        + f"; executors: local, {', '.join(EXECUTORS)}")
+    mod, fn = EXECUTORS[name].split(":")
     return getattr(importlib.import_module(mod), fn)
