@@ -133,3 +133,10 @@ def test_jupyterlab_runs_a_paper_figure_notebook_in_chromium(lab, tmp_path):
     # docs/jupyterlab.png (README) is rewritten with IMITATION_NB_WRITE_DOCS=1, so that a test run leaves the checkout clean
     if os.environ.get("IMITATION_NB_WRITE_DOCS") == "1" or not SCREENSHOT.exists():
         SCREENSHOT.write_bytes(out.read_bytes())                          # the README's screenshot (committed)
+
+
+def test_readme_says_how_to_open_the_notebooks_and_shows_the_screenshot():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Read and run the notebooks", 1)[1].split("\n## ", 1)[0]
+    assert "jupyter lab nbs/" in section and "](docs/jupyterlab.png)" in section and SCREENSHOT.exists()
+    assert "`parameters`" in section and "papermill" in section
