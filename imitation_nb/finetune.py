@@ -794,7 +794,8 @@ def finetune(base_spec: str, train_data, cfg=None, out_dir="finetune_out", heldo
 
     Writes into `out_dir`: `masking_audit.txt`, `train_log.jsonl`, `checkpoints/` (resumable), `adapter/`
     (final LoRA adapter + tokenizer; the full model for `method="full"`), `adapters/<budget_m>/` for each
-    budget of `save_at_budgets_m` (exact prefixes of this run), `heldout.json` and `summary.json`.
+    budget of `save_at_budgets_m` (exact prefixes of this run), `heldout.json`, `summary.json` and the
+    training curves (`curves`: `tensorboard/` event files, `curves.csv`, `curves.png`).
     Re-running with `resume=True` continues from the newest checkpoint."""
     from imitation_nb.models import load_tokenizer
     cfg, out, device = start_run(cfg, out_dir, save_at_budgets_m, **overrides)
@@ -806,6 +807,8 @@ def finetune(base_spec: str, train_data, cfg=None, out_dir="finetune_out", heldo
     model, gc = build_model(base_spec, cfg, device)
     held = score_base(model, tok, heldout_data, cfg, chat_template, out)
     trainer = make_trainer(model, tok, data, plan, cfg, device, out, progress)
+    from imitation_nb.curves import attach_curves, write_curves     # TensorBoard event files in out/tensorboard
+    attach_curves(trainer, out, plan.cum_tokens)
     run = train_or_resume(trainer, out, resume)
     if not trainer.is_world_process_zero(): return {"adapter": str(out / "adapter"), "rank": int(os.environ.get("RANK", "0"))}
     save_final_adapters(model, tok, out, plan.full_labels)
@@ -814,6 +817,7 @@ def finetune(base_spec: str, train_data, cfg=None, out_dir="finetune_out", heldo
         scores = score_budgets(model, tok, held, data.groups, cfg, out, chat_template)
         summary["heldout"] = {k: {kk: vv for kk, vv in v.items() if kk != "per_conversation"} for k, v in scores.items()}
     atomic_write_json(out / "summary.json", summary)
+    write_curves(out)                                                # curves.csv, curves.png (32_curves)
     return summary
 
 # %% ../nbs/30_finetune.ipynb #7fe17eb9

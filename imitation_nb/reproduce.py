@@ -601,8 +601,10 @@ def execute(sp: StagePlan, log=print, kernel: str = "python3") -> dict:
     t0 = time.time()
     try:
         src = write_stage_notebook(sp)
+        from imitation_nb.progress import stage_kernel_manager    # encrypted kernel, its own log in run_dir/kernel.log
         pm.execute_notebook(str(src), str(out), parameters={**sp.params, "run_dir": str(sp.run_dir)},
-                            cwd=str(nbs_dir()), kernel_name=kernel, progress_bar=False, log_output=False)
+                            cwd=str(nbs_dir()), kernel_name=kernel, progress_bar=False, log_output=False,
+                            kernel_manager_class=stage_kernel_manager(sp.run_dir))
     except StageFailed: raise
     except Exception as e:
         msg = str(e).strip().splitlines()
@@ -646,9 +648,13 @@ def selected_stages(P: list[StagePlan], only: str | None) -> set[str]:
 
 # %% ../nbs/90_reproduce.ipynb #d58b991d
 def run_plan(P: list[StagePlan], only: str | None = None, force: bool = False, parallel: int = 1,
-             log=print, keep_going: bool = True) -> dict:
+             log=print, keep_going: bool = True, progress=None) -> dict:
     """Execute the plan: skip finished runs (unless `force`), run ready stages (all deps done) with up to
-    `parallel` at once, stop dependents of a failure. Returns {key: status}."""
+    `parallel` at once, stop dependents of a failure. Returns {key: status}. `progress` (a `progress.PlanProgress`)
+    gets every event instead of `log`."""
+    def note(kind, sp, msg, **info):
+        if progress is not None: progress.event(kind, sp, **info)
+        else: log(msg)
     by_key = {sp.key: sp for sp in P}
     stages = selected_stages(P, only)
     selected = {sp.key for sp in P if sp.stage in stages}
@@ -656,8 +662,9 @@ def run_plan(P: list[StagePlan], only: str | None = None, force: bool = False, p
     for sp in P:
         if sp.key not in selected: state[sp.key] = "skipped" if status(sp) != "done" else "done"
         elif status(sp) == "done" and not force and not STAGES[sp.stage].always_run:
-            state[sp.key] = "done"; log(f"[skip] {sp.label} (done: {sp.run_dir})")
+            state[sp.key] = "done"; note("skip", sp, f"[skip] {sp.label} (done: {sp.run_dir})")
         else: state[sp.key] = "todo"
+    if progress is not None: progress.settle(state)
     times, lock = {}, threading.Lock()
     threads = _split_threads(parallel)
     def ready(sp): return state[sp.key] == "todo" and all(state.get(d) in ("done", "skipped") for d in sp.deps if d in by_key) \
@@ -667,11 +674,11 @@ def run_plan(P: list[StagePlan], only: str | None = None, force: bool = False, p
         running = {}
         while True:
             for sp in P:
-                if blocked(sp): state[sp.key] = "blocked"; log(f"[blocked] {sp.label}: an upstream stage failed")
+                if blocked(sp): state[sp.key] = "blocked"; note("blocked", sp, f"[blocked] {sp.label}: an upstream stage failed")
             for sp in P:
                 if len(running) >= max(1, parallel): break
                 if ready(sp) and sp.key not in running.values():
-                    state[sp.key] = "running"; log(f"[run] {sp.label}\n      {sp.run_dir}")
+                    state[sp.key] = "running"; note("start", sp, f"[run] {sp.label}\n      {sp.run_dir}")
                     running[ex.submit(execute, sp)] = sp.key
             if not running: break
             done, _ = cf.wait(list(running), return_when=cf.FIRST_COMPLETED)
@@ -679,9 +686,9 @@ def run_plan(P: list[StagePlan], only: str | None = None, force: bool = False, p
                 key = running.pop(fut); sp = by_key[key]
                 try:
                     r = fut.result(); state[key] = "done"; times[key] = r["seconds"]
-                    log(f"[done] {sp.label} in {r['seconds']:.0f} s")
+                    note("done", sp, f"[done] {sp.label} in {r['seconds']:.0f} s", seconds=r["seconds"])
                 except StageFailed as e:
-                    state[key] = "failed"; log(f"[FAILED] {e}")
+                    state[key] = "failed"; note("failed", sp, f"[FAILED] {e}", error=str(e))
                     if not keep_going: [f.cancel() for f in running]; break
                 append_jsonl(sp.run_dir.parent.parent / "reproduce_log.jsonl",
                              {"time": now_iso(), "key": key, "stage": sp.stage, "status": state[key], "seconds": times.get(key)})
@@ -703,6 +710,8 @@ def reproduce_cli(
     no_teacher: bool = False,  # skip evaluating the teacher through the same code
     allow_unsandboxed_code: bool = False,  # run HumanEval completions even where no sandbox is available (see 41_sandbox)
     executor: str = "local",  # local: papermill here; slurm: one sbatch job per stage run (nbs/93_slurm, `imitation-nb status`)
+    quiet: bool = False,  # print only failures and the final summary
+    plain: bool = False,  # one line per event, no progress bar redrawn in place (the default when not on a terminal)
 ):
     "Run (or plan) a profile's grid: collect → fine-tune → evaluate → draw, each stage a papermill run."
     if allow_unsandboxed_code: os.environ["IMITATION_NB_ALLOW_UNSANDBOXED_CODE"] = "1"   # the stage kernels inherit it
@@ -723,11 +732,15 @@ def reproduce_cli(
         return 0
     if missing: print(format_inputs(rows)); raise missing
     t0 = time.time()
-    st = run_plan(P, only=only, force=force, parallel=parallel or prof.compute.parallel_stages)
+    from imitation_nb.progress import PlanProgress, read_history      # the bar, a line per run, the ETA (92_progress)
+    par = parallel or prof.compute.parallel_stages
+    rep = PlanProgress(P, lambda sp: estimate(prof, sp), read_history(P), mode="plain" if plain else "auto", quiet=quiet, parallel=par)
+    try: st = run_plan(P, only=only, force=force, parallel=par, progress=rep)
+    finally: rep.close()
     times = st.pop("_times")
-    print(f"\nelapsed per stage (s):")
+    if not quiet: print(f"\nelapsed per stage (s):")
     for sp in P:
-        if sp.key in times: print(f"  {times[sp.key]:>8.0f}  {sp.stage:<16} {sp.label}")
+        if sp.key in times and not quiet: print(f"  {times[sp.key]:>8.0f}  {sp.stage:<16} {sp.label}")
     bad = {k: v for k, v in st.items() if v in ("failed", "blocked")}
     print(f"total {time.time() - t0:.0f} s; {sum(v == 'done' for v in st.values())}/{len(P)} stage runs done"
           + (f"; {len(bad)} failed or blocked" if bad else ""))
