@@ -7,7 +7,7 @@ Docs: https://imitation-nb.github.io/imitation_nb/eval_benchmarks.html.md"""
 # %% ../nbs/42_eval_benchmarks.ipynb #4f917684
 from __future__ import annotations
 
-import csv, dataclasses, gzip, json, math, random, re, string, textwrap, time
+import csv, dataclasses, gzip, json, math, random, re, string, textwrap, time, warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +20,10 @@ from .sandbox import SandboxLimits, TestedProgram, run_many, sandbox_capabilitie
 # %% auto #0
 __all__ = ['CHOICES', 'HUMANEVAL_STOP', 'HUMANEVAL_INSTRUCTION', 'EvalBenchmarksConfig', 'normalize_answer', 'exact_match',
            'first_line', 'load_nq', 'load_triviaqa', 'qa_question', 'qa_prompt', 'seeded_subset', 'eval_qa',
-           'mmlu_subjects', 'load_mmlu', 'format_subject', 'mmlu_example', 'mmlu_prompt', 'mmlu_letter_scores',
-           'mmlu_questions', 'eval_mmlu', 'mmlu_summary', 'load_humaneval', 'humaneval_program', 'humaneval_messages',
-           'extract_code', 'humaneval_completion', 'humaneval_prompt_mode', 'pass_at_k', 'eval_humaneval', 'qa_rows',
-           'mmlu_rows', 'humaneval_rows', 'run_eval_benchmarks']
+           'mmlu_subjects', 'load_mmlu', 'format_subject', 'mmlu_example', 'mmlu_prompt', 'mmlu_fitted_prompt',
+           'mmlu_letter_scores', 'mmlu_questions', 'eval_mmlu', 'mmlu_summary', 'load_humaneval', 'humaneval_program',
+           'humaneval_messages', 'extract_code', 'humaneval_completion', 'humaneval_prompt_mode', 'pass_at_k',
+           'eval_humaneval', 'qa_rows', 'mmlu_rows', 'humaneval_rows', 'run_eval_benchmarks']
 
 # %% ../nbs/42_eval_benchmarks.ipynb #23414479
 @register_section("eval_benchmarks")
@@ -158,6 +158,14 @@ def mmlu_prompt(q: dict, dev: list[dict], shots: int = 5) -> str:
     head = f"The following are multiple choice questions (with answers) about {format_subject(q['subject'])}.\n\n"
     return head + "".join(mmlu_example(d) for d in dev[:shots]) + mmlu_example(q, include_answer=False)
 
+# %% ../nbs/42_eval_benchmarks.ipynb #ac0938e8
+def mmlu_fitted_prompt(q: dict, dev: list[dict], shots: int, tok=None, context: int | None = None) -> tuple[str, int]:
+    "(`mmlu_prompt`, exemplars used): with `context`, exemplars are dropped until the prompt's tokens fit it."
+    k, p = shots, mmlu_prompt(q, dev, shots)
+    while context and tok is not None and k > 0 and len(tok(p).input_ids) > context:
+        k -= 1; p = mmlu_prompt(q, dev, k)
+    return p, k
+
 # %% ../nbs/42_eval_benchmarks.ipynb #34d614d7
 def mmlu_letter_scores(logprobs) -> list[int]:
     "Predicted choice index per question from [n, 4] log-probabilities of ' A'..' D' (ties → the first)."
@@ -182,12 +190,17 @@ def eval_mmlu(gen: Generator, questions: list[dict], shots: int, out_file, max_b
     done = {r["id"]: r for r in read_jsonl(out_file)}
     dev = {s: load_mmlu(s, "dev") for s in sorted({q["subject"] for q in questions})}
     todo = [q for q in questions if q["id"] not in done]
-    prompts = [mmlu_prompt(q, dev[q["subject"]], shots) for q in todo]
+    fitted = [mmlu_fitted_prompt(q, dev[q["subject"]], shots, gen.tok, getattr(gen, "context", None)) for q in todo]
+    prompts, used = [p for p, _ in fitted], [k for _, k in fitted]
+    if any(k < shots for k in used):
+        warnings.warn(f"MMLU: {sum(k < shots for k in used)} of {len(todo)} prompts exceed the context of {gen.spec} "
+                      f"({gen.context} tokens) with {shots} exemplars: exemplars dropped until they fit (Hendrycks et al.'s rule)")
+    fewer = lambda i: {"shots": used[i]} if used[i] < shots else {}
     if todo and gen.backend == "hf":
         ids = single_token_ids(gen.tok, [" " + c for c in CHOICES])
         def write(idx, lp):
             recs = [{"id": todo[i]["id"], "subject": todo[i]["subject"], "answer": todo[i]["answer"],
-                     "logprobs": [round(float(x), 6) for x in row], "pred": mmlu_letter_scores([row])[0]}
+                     "logprobs": [round(float(x), 6) for x in row], "pred": mmlu_letter_scores([row])[0], **fewer(i)}
                     for i, row in zip(idx, lp)]
             append_jsonl(out_file, recs)
             for r in recs: done[r["id"]] = r

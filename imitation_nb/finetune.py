@@ -20,10 +20,11 @@ from .train_kernels import PACKED_ATTENTION, register_packed_attention, use_fast
 # %% auto #0
 __all__ = ['FinetuneConfig', 'encode_conversations', 'MaskingAuditError', 'audit_masking', 'pack_blocks', 'unpacked_rows',
            'BlockCollator', 'budget_label', 'budget_groups', 'heldout_loss', 'save_adapter', 'last_checkpoint',
-           'add_lora', 'build_model', 'start_run', 'rows_per_step', 'make_rows', 'TrainData', 'prepare_data',
-           'cumulative_tokens', 'budget_steps', 'StepPlan', 'plan_steps', 'cut_warmup', 'HeldOut', 'score_base',
-           'training_arguments', 'make_trainer', 'TrainRun', 'train_or_resume', 'save_final_adapters', 'budget_summary',
-           'run_summary', 'score_budgets', 'finetune', 'merge_adapter', 'heldout_rows', 'run_finetune', 'finetune_cli']
+           'add_lora', 'build_model', 'start_run', 'fit_to_context', 'rows_per_step', 'make_rows', 'TrainData',
+           'prepare_data', 'cumulative_tokens', 'budget_steps', 'StepPlan', 'plan_steps', 'cut_warmup', 'HeldOut',
+           'score_base', 'training_arguments', 'make_trainer', 'TrainRun', 'train_or_resume', 'save_final_adapters',
+           'budget_summary', 'run_summary', 'score_budgets', 'finetune', 'merge_adapter', 'heldout_rows',
+           'run_finetune', 'finetune_cli']
 
 # %% ../nbs/30_finetune.ipynb #41855a7d
 @register_section("finetune")
@@ -290,6 +291,11 @@ def heldout_loss(model, tokenizer, convs, template=None, max_length: int = 512, 
     token-weighted, with a bootstrap 95% interval over conversations."""
     import numpy as np, torch, torch.nn.functional as F
     enc = encoded if encoded is not None else encode_conversations(tokenizer, convs, template, max_length)
+    from imitation_nb.models import context_length, cap_length
+    ctx = context_length(model.config)
+    if ctx and any(len(e["input_ids"]) > ctx for e in enc):      # a longer row would index past the positions
+        cap_length(max(len(e["input_ids"]) for e in enc), ctx, "held-out conversation length")
+        enc = [dict(e, input_ids=e["input_ids"][:ctx], labels=e["labels"][:ctx]) for e in enc]
     enc = [e for e in enc if sum(1 for x in e["labels"][1:] if x != -100)]
     if not enc: raise ValueError("held-out conversations contain no assistant tokens to score")
     was = model.training; model.eval()
@@ -570,6 +576,17 @@ def start_run(cfg, out_dir, budgets_m=None, **overrides) -> tuple[FinetuneConfig
                          f"(constant / constant_with_warmup), got {cfg.schedule!r}: the smaller budgets would not be prefixes")
     return cfg, out, device
 
+# %% ../nbs/30_finetune.ipynb #972cf2b3
+def fit_to_context(cfg: FinetuneConfig, context: int | None, model: str = "the base") -> tuple[FinetuneConfig, dict]:
+    "`cfg` with `block_size` / `heldout_max_length` capped at the base's `context`, and {field: [asked, used]} of the caps."
+    import dataclasses
+    from imitation_nb.models import cap_length
+    caps = {}
+    for k in ("block_size", "heldout_max_length"):
+        v = cap_length(getattr(cfg, k), context, f"finetune.{k}", model)
+        if v != getattr(cfg, k): caps[k] = [getattr(cfg, k), v]
+    return dataclasses.replace(cfg, **{k: v for k, (_, v) in caps.items()}), caps
+
 # %% ../nbs/30_finetune.ipynb #18fae00b
 def rows_per_step(cfg: FinetuneConfig) -> int:
     "Rows per optimizer step: `per_device_batch_size` x `grad_accum` x processes (`WORLD_SIZE`, set by accelerate)."
@@ -796,8 +813,9 @@ def finetune(base_spec: str, train_data, cfg=None, out_dir="finetune_out", heldo
     (final LoRA adapter + tokenizer; the full model for `method="full"`), `adapters/<budget_m>/` for each
     budget of `save_at_budgets_m` (exact prefixes of this run), `heldout.json` and `summary.json`.
     Re-running with `resume=True` continues from the newest checkpoint."""
-    from imitation_nb.models import load_tokenizer
+    from imitation_nb.models import load_tokenizer, model_context_length
     cfg, out, device = start_run(cfg, out_dir, save_at_budgets_m, **overrides)
+    cfg, caps = fit_to_context(cfg, model_context_length(base_spec), base_spec)
     tok = load_tokenizer(base_spec)
     t0 = time.time()
     data = prepare_data(tok, train_data, cfg, save_at_budgets_m, chat_template, out / "masking_audit.txt")
@@ -810,6 +828,7 @@ def finetune(base_spec: str, train_data, cfg=None, out_dir="finetune_out", heldo
     if not trainer.is_world_process_zero(): return {"adapter": str(out / "adapter"), "rank": int(os.environ.get("RANK", "0"))}
     save_final_adapters(model, tok, out, plan.full_labels)
     summary = run_summary(base_spec, train_data, cfg, device, model, gc, data, plan, run, prep_s, out, chat_template)
+    summary["length_caps"] = caps
     if held is not None:
         scores = score_budgets(model, tok, held, data.groups, cfg, out, chat_template)
         summary["heldout"] = {k: {kk: vv for kk, vv in v.items() if kk != "per_conversation"} for k, v in scores.items()}

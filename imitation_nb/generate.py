@@ -161,8 +161,11 @@ class Generator:
         self.client, self.model_name, self.max_prompt_tokens = client, model_name or spec, max_prompt_tokens
         if backend == "auto": backend = "openai" if client is not None else ("vllm" if _vllm_usable(device) else "hf")
         self.backend = backend
-        self.model = self.tok = self.llm = None
-        if backend == "hf": self.model, self.tok = load_lm(spec, adapter, dtype, device, quantization)
+        self.model = self.tok = self.llm = self.context = None     # context: the model's positions (None: unknown / API)
+        if backend == "hf":
+            from imitation_nb.models import context_length
+            self.model, self.tok = load_lm(spec, adapter, dtype, device, quantization)
+            self.context = context_length(self.model.config)
         elif backend == "vllm": self._init_vllm(dtype)
         elif backend == "openai":
             if client is None: raise ValueError("backend 'openai' needs a client (imitation_nb.teacher.ChatClient)")
@@ -183,6 +186,10 @@ class Generator:
         item, in input order: {id, prompt, output, n_prompt_tokens, n_new_tokens, finish_reason}.
         `on_batch(records)` is called after each finished batch (used for resumable writing)."""
         if not items: return []
+        from imitation_nb.models import generation_lengths
+        # prompt + new tokens must fit the model's context: both capped (with a warning) when they do not
+        self.prompt_cap, max_new_tokens = generation_lengths(self.context, self.max_prompt_tokens, max_new_tokens,
+                                                             str(self.spec))
         fn = getattr(self, f"_gen_{self.backend}")       # _gen_hf, _gen_vllm, _gen_openai (below)
         return fn(items, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=list(stop or []),
                   batch_size=batch_size, seed=seed, chat=chat, progress=progress, on_batch=on_batch)
@@ -192,7 +199,8 @@ class Generator:
         for i, it in enumerate(items):
             text, special = self.render(it, chat)
             ids = self.tok(text, add_special_tokens=special).input_ids
-            if len(ids) > self.max_prompt_tokens: ids = ids[-self.max_prompt_tokens:]
+            cap = getattr(self, "prompt_cap", None) or self.max_prompt_tokens
+            if len(ids) > cap: ids = ids[-cap:]            # the start goes: the instruction end is kept
             enc.append((i, text, ids))
         return enc
 
@@ -386,6 +394,16 @@ def _shared_prefix_logprobs(model, tok, enc, idx, cand, max_batch, on_batch, out
             if on_batch: on_batch(b, lp)
             bar.update(n)
 
+# %% ../nbs/40_generate.ipynb #01d3f93f
+def _fit_context(model, enc: list[list[int]]) -> list[list[int]]:
+    "Token lists cut from the left to the model's context (`models.context_length`), with a warning when any is."
+    from imitation_nb.models import context_length, cap_length
+    ctx = context_length(model.config)
+    long = [len(e) for e in enc if ctx and len(e) > ctx]
+    if not long: return enc
+    cap_length(max(long), ctx, f"prompt length ({len(long)} of {len(enc)} prompts lose their start)")
+    return [e[-ctx:] for e in enc]
+
 # %% ../nbs/40_generate.ipynb #228f52c3
 def next_token_logprobs(model, tok, prompts: list[str], token_ids: list[int], max_batch_tokens: int = 8192,
                         max_batch: int = 16, add_special_tokens: bool = True, progress: bool = False,
@@ -397,7 +415,7 @@ def next_token_logprobs(model, tok, prompts: list[str], token_ids: list[int], ma
     log-probs up to float rounding, sliding-window models such as Gemma 3 included)."""
     import numpy as np, torch
     from tqdm.auto import tqdm
-    enc = [tok(p, add_special_tokens=add_special_tokens).input_ids for p in prompts]
+    enc = _fit_context(model, [tok(p, add_special_tokens=add_special_tokens).input_ids for p in prompts])
     out = np.zeros((len(prompts), len(token_ids)), dtype=np.float64)
     dev = next(model.parameters()).device
     cand = torch.tensor(token_ids, device=dev)

@@ -15,8 +15,9 @@ from .core import cache_dir, atomic_write_json, file_sha256, now_iso, package_ve
 
 # %% auto #0
 __all__ = ['EMBEDDED', 'PPL_TEXT', 'Embedded', 'locate_gguf', 'model_cache', 'prepare_model', 'resolve_device', 'resolve_dtype',
-           'load_tokenizer', 'quantization_config', 'no_cpu_repacking', 'load_model', 'model_info', 'perplexity',
-           'shuffled', 'tiny_random_model', 'models_cli']
+           'load_tokenizer', 'quantization_config', 'no_cpu_repacking', 'load_model', 'model_info', 'LengthCapWarning',
+           'context_length', 'model_context_length', 'cap_length', 'generation_lengths', 'perplexity', 'shuffled',
+           'tiny_random_model', 'models_cli']
 
 # %% ../nbs/01_models.ipynb #8a8d045a
 @dataclass(frozen=True)
@@ -209,6 +210,47 @@ def model_info(spec: str, adapter: str | None = None) -> dict:
         info["adapter"] = str(ap)
         info["adapter_sha256"] = {p.name: file_sha256(p) for p in sorted(ap.glob("*.safetensors"))}
     return info
+
+# %% ../nbs/01_models.ipynb #830d49cb
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+class LengthCapWarning(UserWarning):
+    "A requested length (block, prompt, new tokens) was cut to the model's context."
+
+def context_length(config) -> int | None:
+    "Positions the model attends over, from its (text) config: `max_position_embeddings` / `n_positions` / ...; None if unstated."
+    if hasattr(config, "get_text_config"): config = config.get_text_config()
+    for k in _CONTEXT_KEYS:
+        v = getattr(config, k, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0: return v
+    return None
+
+# %% ../nbs/01_models.ipynb #d0d6cb4d
+def model_context_length(spec) -> int | None:
+    "`context_length` of `spec`'s config (a folder, an embedded model or a cached hub id), None when it cannot be read."
+    from transformers import AutoConfig
+    try: return context_length(AutoConfig.from_pretrained(prepare_model(spec, progress=False)))
+    except (OSError, ValueError): return None
+
+# %% ../nbs/01_models.ipynb #90e80537
+def cap_length(requested: int | None, context: int | None, what: str, model: str = "the model") -> int | None:
+    "`requested`, or `context` when the request exceeds it (warning `LengthCapWarning` naming `what`, `model` and the cap)."
+    if requested is None or context is None or requested <= context: return requested
+    warnings.warn(f"{what}={requested} exceeds the context of {model} ({context} tokens): capped to {context}",
+                  LengthCapWarning, stacklevel=2)
+    return context
+
+# %% ../nbs/01_models.ipynb #0fcda5d8
+def generation_lengths(context: int | None, max_prompt_tokens: int, max_new_tokens: int,
+                       model: str = "the model") -> tuple[int, int]:
+    "(prompt tokens, new tokens) that fit `context` together (see above); unchanged when `context` is None or they fit."
+    if context is None or max_prompt_tokens + max_new_tokens <= context: return max_prompt_tokens, max_new_tokens
+    new = cap_length(max_new_tokens, max(1, context // 2), "max_new_tokens (with room for the prompt)", model)
+    room = context - new
+    if max_prompt_tokens > room:
+        warnings.warn(f"max_prompt_tokens={max_prompt_tokens} + max_new_tokens={new} exceed the context of {model} "
+                      f"({context} tokens): prompts capped to {room} tokens", LengthCapWarning, stacklevel=2)
+    return min(max_prompt_tokens, room), new
 
 # %% ../nbs/01_models.ipynb #3104bed4
 PPL_TEXT = ("The history of science is the study of the development of science and scientific knowledge, "
