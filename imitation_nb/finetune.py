@@ -22,9 +22,9 @@ __all__ = ['FinetuneConfig', 'encode_conversations', 'MaskingAuditError', 'audit
            'BlockCollator', 'budget_label', 'budget_groups', 'heldout_loss', 'save_adapter', 'last_checkpoint',
            'add_lora', 'build_model', 'start_run', 'fit_to_context', 'rows_per_step', 'make_rows', 'TrainData',
            'prepare_data', 'cumulative_tokens', 'budget_steps', 'StepPlan', 'plan_steps', 'cut_warmup', 'HeldOut',
-           'score_base', 'training_arguments', 'make_trainer', 'TrainRun', 'train_or_resume', 'save_final_adapters',
-           'budget_summary', 'run_summary', 'score_budgets', 'finetune', 'merge_adapter', 'heldout_rows',
-           'run_finetune', 'finetune_cli']
+           'score_base', 'training_arguments', 'train_precision', 'make_trainer', 'TrainRun', 'train_or_resume',
+           'save_final_adapters', 'budget_summary', 'run_summary', 'score_budgets', 'finetune', 'merge_adapter',
+           'heldout_rows', 'run_finetune', 'finetune_cli']
 
 # %% ../nbs/30_finetune.ipynb #41855a7d
 @register_section("finetune")
@@ -705,7 +705,7 @@ def _resolve_optim(optim: str, device: str) -> str:
     return "paged_adamw_8bit" if device.startswith("cuda") else "adamw_torch"
 
 def training_arguments(cfg: FinetuneConfig, out_dir, device: str, total_steps: int, warmup: int,
-                       progress: bool = False, bf16: bool = False):
+                       progress: bool = False, bf16: bool = False, fp16: bool = False):
     "The HF `TrainingArguments` of a run: `cfg`'s schedule and optimizer, checkpoints in `out_dir/checkpoints`."
     from transformers import TrainingArguments
     return TrainingArguments(
@@ -715,8 +715,20 @@ def training_arguments(cfg: FinetuneConfig, out_dir, device: str, total_steps: i
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim=_resolve_optim(cfg.optim, device),
         logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, seed=cfg.seed, data_seed=cfg.seed, use_cpu=device == "cpu",
-        bf16=bf16, report_to="none", remove_unused_columns=False, disable_tqdm=not progress,
+        bf16=bf16, fp16=fp16, report_to="none", remove_unused_columns=False, disable_tqdm=not progress,
         dataloader_drop_last=False)
+
+# %% ../nbs/30_finetune.ipynb #2c13fac5
+def train_precision(dtype: str, device: str, bf16_supported: bool) -> str:
+    "Autocast of the training step: 'bf16' | 'fp16' | 'no', from the requested `dtype` and the device (see above)."
+    d = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
+    if d not in ("auto", "bfloat16", "float16", "float32"):
+        raise ValueError(f"finetune.dtype must be auto | bfloat16 | float16 | float32, got {dtype!r}")
+    cuda = device.startswith("cuda")
+    if d == "bfloat16" and cuda and not bf16_supported:
+        raise ValueError(f"finetune.dtype=bfloat16 but {device} has no bf16 support: use float16 or float32")
+    if d == "auto": return "bf16" if cuda and bf16_supported else "no"
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}[d]
 
 # %% ../nbs/30_finetune.ipynb #0cabbfe0
 def make_trainer(model, tokenizer, data: TrainData, plan: StepPlan, cfg: FinetuneConfig, device: str, out_dir,
@@ -725,8 +737,9 @@ def make_trainer(model, tokenizer, data: TrainData, plan: StepPlan, cfg: Finetun
     out = Path(out_dir)
     JsonlLog, BudgetSaver = _jsonl_log_cls(), _budget_saver_cls()
     Trainer = _make_trainer_cls()
-    use_bf16 = device.startswith("cuda") and str(next(model.parameters()).dtype) == "torch.bfloat16"
-    args = training_arguments(cfg, out, device, plan.total_steps, cut_warmup(cfg, plan), progress, use_bf16)
+    import torch
+    mp = train_precision(cfg.dtype, device, device.startswith("cuda") and torch.cuda.is_bf16_supported())
+    args = training_arguments(cfg, out, device, plan.total_steps, cut_warmup(cfg, plan), progress, mp == "bf16", mp == "fp16")
     trainer = Trainer(model=model, args=args, train_dataset=data.rows, data_collator=BlockCollator(data.pad_id, cfg.packing),
                       callbacks=[JsonlLog(out / "train_log.jsonl", plan.cum_tokens), BudgetSaver(plan.at_steps, out, tokenizer)])
     trainer.loss_chunk_tokens = cfg.loss_chunk_tokens
@@ -829,6 +842,7 @@ def finetune(base_spec: str, train_data, cfg=None, out_dir="finetune_out", heldo
     save_final_adapters(model, tok, out, plan.full_labels)
     summary = run_summary(base_spec, train_data, cfg, device, model, gc, data, plan, run, prep_s, out, chat_template)
     summary["length_caps"] = caps
+    summary["mixed_precision"] = "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "no"
     if held is not None:
         scores = score_budgets(model, tok, held, data.groups, cfg, out, chat_template)
         summary["heldout"] = {k: {kk: vv for kk, vv in v.items() if kk != "per_conversation"} for k, v in scores.items()}
