@@ -20,11 +20,11 @@ from .train_kernels import PACKED_ATTENTION, register_packed_attention, use_fast
 # %% auto #0
 __all__ = ['FinetuneConfig', 'encode_conversations', 'MaskingAuditError', 'audit_masking', 'pack_blocks', 'unpacked_rows',
            'BlockCollator', 'budget_label', 'budget_groups', 'heldout_loss', 'save_adapter', 'last_checkpoint',
-           'add_lora', 'build_model', 'start_run', 'fit_to_context', 'rows_per_step', 'make_rows', 'TrainData',
-           'prepare_data', 'cumulative_tokens', 'budget_steps', 'StepPlan', 'plan_steps', 'cut_warmup', 'HeldOut',
-           'score_base', 'training_arguments', 'train_precision', 'make_trainer', 'TrainRun', 'train_or_resume',
-           'save_final_adapters', 'budget_summary', 'run_summary', 'score_budgets', 'finetune', 'merge_adapter',
-           'heldout_rows', 'run_finetune', 'finetune_cli']
+           'add_lora', 'choose_attention', 'build_model', 'start_run', 'fit_to_context', 'rows_per_step', 'make_rows',
+           'TrainData', 'prepare_data', 'cumulative_tokens', 'budget_steps', 'StepPlan', 'plan_steps', 'cut_warmup',
+           'HeldOut', 'score_base', 'training_arguments', 'train_precision', 'make_trainer', 'TrainRun',
+           'train_or_resume', 'save_final_adapters', 'budget_summary', 'run_summary', 'score_budgets', 'finetune',
+           'merge_adapter', 'heldout_rows', 'run_finetune', 'finetune_cli']
 
 # %% ../nbs/30_finetune.ipynb #41855a7d
 @register_section("finetune")
@@ -249,10 +249,16 @@ def unpacked_rows(examples, block_size: int, groups=None, rows_multiple: int = 1
 # %% ../nbs/30_finetune.ipynb #b5ccd39f
 class BlockCollator:
     """Stack rows into a batch. Packed rows: no attention mask (position ids delimit the pieces); padded rows
-    (`packing=False`): right-padding with an attention mask."""
-    def __init__(self, pad_id: int, packing: bool = True): self.pad_id, self.packing = pad_id, packing
+    (`packing=False`): right-padding with an attention mask. `flatten` (packed rows, flash-attention): the rows
+    are concatenated into one row of the batch, as `DataCollatorWithFlattening` does -- flash-attention's varlen
+    path reads the pieces from the position ids only when the batch has one row."""
+    def __init__(self, pad_id: int, packing: bool = True, flatten: bool = False):
+        self.pad_id, self.packing, self.flatten = pad_id, packing, flatten and packing
     def __call__(self, rows):
         import torch
+        if self.flatten:
+            cat = lambda k: torch.tensor([x for r in rows for x in r[k]], dtype=torch.long)[None]
+            return {"input_ids": cat("input_ids"), "labels": cat("labels"), "position_ids": cat("position_ids")}
         L = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), L), self.pad_id, dtype=torch.long)
         lab = torch.full((len(rows), L), -100, dtype=torch.long)
@@ -522,6 +528,15 @@ def add_lora(model, cfg: FinetuneConfig):
     if cfg.fused_lora: use_fused_lora(model)
     return model
 
+# %% ../nbs/30_finetune.ipynb #108f564b
+def choose_attention(requested: str, packing: bool, device: str, flash_installed: bool, half_precision: bool) -> tuple:
+    "(attn_implementation or None for the model's default, whether to flatten the batch): see above."
+    if requested != "auto": return requested, packing and requested.startswith("flash")
+    if not packing: return None, False
+    if not device.startswith("cuda"): return PACKED_ATTENTION, False
+    if flash_installed and half_precision: return "flash_attention_2", True
+    return "sdpa", False
+
 # %% ../nbs/30_finetune.ipynb #6a3bc784
 def build_model(base_spec: str, cfg: FinetuneConfig, device: str):
     "Base (4-bit NF4 for qlora, full precision otherwise) through `models.load_model`, + a fresh LoRA adapter."
@@ -542,7 +557,10 @@ def build_model(base_spec: str, cfg: FinetuneConfig, device: str):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.method != "full": model.enable_input_require_grads()
     model.config.use_cache = False        # packed pieces stay independent only without a cache
-    attn = cfg.attention if cfg.attention != "auto" else (PACKED_ATTENTION if cfg.packing else None)
+    from imitation_nb.models import resolve_dtype
+    from transformers.utils import is_flash_attn_2_available
+    half = resolve_dtype(cfg.dtype, device) in (torch.bfloat16, torch.float16)
+    attn, _ = choose_attention(cfg.attention, cfg.packing, device, is_flash_attn_2_available(), half)
     if attn:                              # packed_sdpa: one causal SDPA call per packed piece (train_kernels)
         if attn == PACKED_ATTENTION: register_packed_attention()
         model.set_attn_implementation(attn)
@@ -738,9 +756,10 @@ def make_trainer(model, tokenizer, data: TrainData, plan: StepPlan, cfg: Finetun
     JsonlLog, BudgetSaver = _jsonl_log_cls(), _budget_saver_cls()
     Trainer = _make_trainer_cls()
     import torch
+    flatten = str(getattr(model.config, "_attn_implementation", "")).startswith("flash")   # varlen: one row per batch
     mp = train_precision(cfg.dtype, device, device.startswith("cuda") and torch.cuda.is_bf16_supported())
     args = training_arguments(cfg, out, device, plan.total_steps, cut_warmup(cfg, plan), progress, mp == "bf16", mp == "fp16")
-    trainer = Trainer(model=model, args=args, train_dataset=data.rows, data_collator=BlockCollator(data.pad_id, cfg.packing),
+    trainer = Trainer(model=model, args=args, train_dataset=data.rows, data_collator=BlockCollator(data.pad_id, cfg.packing, flatten),
                       callbacks=[JsonlLog(out / "train_log.jsonl", plan.cum_tokens), BudgetSaver(plan.at_steps, out, tokenizer)])
     trainer.loss_chunk_tokens = cfg.loss_chunk_tokens
     return trainer
