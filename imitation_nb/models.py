@@ -16,8 +16,8 @@ from .core import cache_dir, atomic_write_json, file_sha256, now_iso, package_ve
 # %% auto #0
 __all__ = ['EMBEDDED', 'PPL_TEXT', 'Embedded', 'locate_gguf', 'model_cache', 'prepare_model', 'resolve_device', 'resolve_dtype',
            'load_tokenizer', 'quantization_config', 'no_cpu_repacking', 'load_model', 'model_info', 'LengthCapWarning',
-           'context_length', 'model_context_length', 'cap_length', 'generation_lengths', 'perplexity', 'shuffled',
-           'tiny_random_model', 'models_cli']
+           'context_length', 'model_context_length', 'model_type', 'cap_length', 'generation_lengths', 'perplexity',
+           'shuffled', 'tiny_random_model', 'models_cli']
 
 # %% ../nbs/01_models.ipynb #8a8d045a
 @dataclass(frozen=True)
@@ -230,6 +230,12 @@ def model_context_length(spec) -> int | None:
     "`context_length` of `spec`'s config (a folder, an embedded model or a cached hub id), None when it cannot be read."
     from transformers import AutoConfig
     try: return context_length(AutoConfig.from_pretrained(prepare_model(spec, progress=False)))
+    except (OSError, ValueError): return None
+
+def model_type(spec) -> str | None:
+    "The `model_type` of `spec`'s config (`gpt2`, `llama`, `qwen3`, ...), None when it cannot be read."
+    from transformers import AutoConfig
+    try: return AutoConfig.from_pretrained(prepare_model(spec, progress=False)).model_type
     except (OSError, ValueError): return None
 
 # %% ../nbs/01_models.ipynb #90e80537
