@@ -174,9 +174,11 @@ def choose_backend(requested: str, device: str, vllm_installed: bool, cuda: bool
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 def vllm_engine_args(path: str, dtype: str = "auto", context: int | None = None, lora_rank: int | None = None,
-                     seed: int = 0) -> dict:
-    "Keyword arguments of `vllm.LLM` for model folder `path` (+ a LoRA adapter of rank `lora_rank`)."
-    kw = dict(model=str(path), dtype=dtype, seed=seed, enable_lora=lora_rank is not None)
+                     seed: int = 0, engines: int = 1) -> dict:
+    """Keyword arguments of `vllm.LLM` for model folder `path` (+ a LoRA adapter of rank `lora_rank`); `engines`
+    stage runs sharing the GPU (`compute.parallel_stages`) split its memory (`gpu_memory_utilization`)."""
+    kw = dict(model=str(path), dtype=dtype, seed=seed, enable_lora=lora_rank is not None,
+              gpu_memory_utilization=0.9 if engines <= 1 else round(0.85 / engines, 3))
     if context: kw["max_model_len"] = int(context)
     if lora_rank is not None:
         fit = [r for r in VLLM_LORA_RANKS if r >= lora_rank]
@@ -197,7 +199,7 @@ class Generator:
     def __init__(self, spec: str | None = None, adapter: str | None = None, backend: str = "auto",
                  chat_template: str | None = None, dtype: str = "auto", device: str = "auto",
                  quantization: str = "none", client=None, model_name: str | None = None,
-                 max_prompt_tokens: int = 4096, lora_r: int | None = None):
+                 max_prompt_tokens: int = 4096, lora_r: int | None = None, engines: int = 1):
         self.spec, self.adapter, self.chat_template = spec, adapter, chat_template
         self.client, self.model_name, self.max_prompt_tokens = client, model_name or spec, max_prompt_tokens
         if backend == "auto" and client is not None: backend = "openai"
@@ -205,7 +207,7 @@ class Generator:
             from imitation_nb.models import model_type
             backend, why = choose_backend(backend, device, *_vllm_env(), model_type(spec), bool(adapter))
             if why: warnings.warn(why)
-        self.lora_r = adapter_rank(adapter, lora_r)
+        self.lora_r, self.engines = adapter_rank(adapter, lora_r), engines
         self.backend = backend
         self.model = self.tok = self.llm = self.context = None     # context: the model's positions (None: unknown / API)
         if backend == "hf":
@@ -257,7 +259,7 @@ def _init_vllm(self: Generator, dtype, device="auto"):
     from imitation_nb.models import prepare_model, model_context_length
     path = str(prepare_model(self.spec))
     self.context = model_context_length(path)
-    self.llm = LLM(**vllm_engine_args(path, dtype, self.context, self.lora_r))
+    self.llm = LLM(**vllm_engine_args(path, dtype, self.context, self.lora_r, engines=self.engines))
     self.tok = self.llm.get_tokenizer()
 
 @patch
@@ -542,7 +544,8 @@ def make_generator(prof, subject: dict, cfg: GenerateConfig | None = None) -> Ge
     m = prof.models[subject["model"]]
     return Generator(m.spec, adapter=subject.get("adapter"), backend=cfg.backend, chat_template=m.chat_template,
                      dtype=cfg.dtype, device=prof.compute.device if cfg.device == "auto" else cfg.device,
-                     quantization=cfg.quantization, max_prompt_tokens=cfg.max_prompt_tokens, lora_r=_profile_lora_r(prof))
+                     quantization=cfg.quantization, max_prompt_tokens=cfg.max_prompt_tokens, lora_r=_profile_lora_r(prof),
+                     engines=max(1, prof.compute.parallel_stages))
 
 # %% ../nbs/40_generate.ipynb #bfeed1bd
 def run_generate(profile: str, run_dir=None, subject: dict | None = None, prompts_file=None,

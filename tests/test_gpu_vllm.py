@@ -22,10 +22,11 @@ class FakeLLM:
     "Stand-in for `vllm.LLM` (the documented constructor keywords, `generate`, `get_tokenizer`)."
     instances = []
 
-    def __init__(self, model, dtype="auto", seed=0, enable_lora=False, max_model_len=None, max_lora_rank=16):
+    def __init__(self, model, dtype="auto", seed=0, enable_lora=False, max_model_len=None, max_lora_rank=16,
+                 gpu_memory_utilization=0.9):
         from imitation_nb.generate import load_lm
         self.kw = dict(model=model, dtype=dtype, seed=seed, enable_lora=enable_lora, max_model_len=max_model_len,
-                       max_lora_rank=max_lora_rank)
+                       max_lora_rank=max_lora_rank, gpu_memory_utilization=gpu_memory_utilization)
         self.base, self.tok = load_lm(model, device="cpu")
         self.loras = {}
         FakeLLM.instances.append(self)
