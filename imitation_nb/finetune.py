@@ -20,11 +20,12 @@ from .train_kernels import PACKED_ATTENTION, register_packed_attention, use_fast
 # %% auto #0
 __all__ = ['FinetuneConfig', 'encode_conversations', 'MaskingAuditError', 'audit_masking', 'pack_blocks', 'unpacked_rows',
            'BlockCollator', 'budget_label', 'budget_groups', 'heldout_loss', 'save_adapter', 'last_checkpoint',
-           'add_lora', 'choose_attention', 'build_model', 'start_run', 'fit_to_context', 'rows_per_step', 'make_rows',
-           'TrainData', 'prepare_data', 'cumulative_tokens', 'budget_steps', 'StepPlan', 'plan_steps', 'cut_warmup',
-           'HeldOut', 'score_base', 'training_arguments', 'train_precision', 'make_trainer', 'TrainRun',
-           'train_or_resume', 'save_final_adapters', 'budget_summary', 'run_summary', 'score_budgets', 'finetune',
-           'merge_adapter', 'heldout_rows', 'run_finetune', 'finetune_cli']
+           'add_lora', 'choose_attention', 'dist_env', 'placement', 'build_model', 'start_run', 'fit_to_context',
+           'rows_per_step', 'make_rows', 'TrainData', 'prepare_data', 'cumulative_tokens', 'budget_steps', 'StepPlan',
+           'plan_steps', 'cut_warmup', 'HeldOut', 'score_base', 'training_arguments', 'train_precision', 'make_trainer',
+           'TrainRun', 'train_or_resume', 'save_final_adapters', 'budget_summary', 'run_summary', 'score_budgets',
+           'finetune', 'merge_adapter', 'heldout_rows', 'split_accumulation', 'launch_command', 'finetune_worker',
+           'launch_finetune', 'run_finetune', 'finetune_cli']
 
 # %% ../nbs/30_finetune.ipynb #41855a7d
 @register_section("finetune")
@@ -537,6 +538,19 @@ def choose_attention(requested: str, packing: bool, device: str, flash_installed
     if flash_installed and half_precision: return "flash_attention_2", True
     return "sdpa", False
 
+# %% ../nbs/30_finetune.ipynb #45822144
+def dist_env(environ=None) -> tuple[int, int, bool]:
+    "(rank, world size, FSDP) from the launcher's environment (`RANK`, `WORLD_SIZE`, accelerate's `ACCELERATE_USE_FSDP`)."
+    e = os.environ if environ is None else environ
+    return int(e.get("RANK", "0")), int(e.get("WORLD_SIZE", "1")), str(e.get("ACCELERATE_USE_FSDP", "")).lower() == "true"
+
+# %% ../nbs/30_finetune.ipynb #813c4141
+def placement(device: str, local_rank: int | None, fsdp: bool, quantized: bool, dtype: str = "auto") -> tuple:
+    "(device_map for `models.load_model`, 4-bit storage dtype or None): see above."
+    if fsdp: return "none", ("bfloat16" if dtype in ("auto", "bfloat16", "bf16") else dtype) if quantized else None
+    if local_rank is not None and device.startswith("cuda"): return {"": local_rank}, None
+    return None, None
+
 # %% ../nbs/30_finetune.ipynb #6a3bc784
 def build_model(base_spec: str, cfg: FinetuneConfig, device: str):
     "Base (4-bit NF4 for qlora, full precision otherwise) through `models.load_model`, + a fresh LoRA adapter."
@@ -545,9 +559,9 @@ def build_model(base_spec: str, cfg: FinetuneConfig, device: str):
     quant = {"qlora": "nf4", "lora": "none", "full": "none"}.get(cfg.method)
     if quant is None: raise ValueError(f"finetune.method must be qlora | lora | full, got {cfg.method!r}")
     local = os.environ.get("LOCAL_RANK")
-    device_map = {"": int(local)} if local is not None and device.startswith("cuda") else None
+    device_map, storage = placement(device, int(local) if local is not None else None, dist_env()[2], quant != "none", cfg.dtype)
     model = load_model(base_spec, quantization=quant, dtype=cfg.dtype, device=device, for_training=True,
-                       device_map=device_map)
+                       device_map=device_map, quant_storage=getattr(torch, storage) if storage else None)
     gc = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else not device.startswith("cpu")
     if quant != "none":
         from peft import prepare_model_for_kbit_training
@@ -718,9 +732,10 @@ def score_base(model, tokenizer, heldout_data, cfg: FinetuneConfig, template=Non
     return HeldOut(hconvs, henc, base)
 
 # %% ../nbs/30_finetune.ipynb #dfbe1044
-def _resolve_optim(optim: str, device: str) -> str:
+def _resolve_optim(optim: str, device: str, fsdp: bool = False) -> str:
+    "`auto`: paged 8-bit AdamW on CUDA (QLoRA), plain AdamW on CPU and under FSDP (whose sharded state it cannot page)."
     if optim != "auto": return optim
-    return "paged_adamw_8bit" if device.startswith("cuda") else "adamw_torch"
+    return "paged_adamw_8bit" if device.startswith("cuda") and not fsdp else "adamw_torch"
 
 def training_arguments(cfg: FinetuneConfig, out_dir, device: str, total_steps: int, warmup: int,
                        progress: bool = False, bf16: bool = False, fp16: bool = False):
@@ -730,7 +745,7 @@ def training_arguments(cfg: FinetuneConfig, out_dir, device: str, total_steps: i
         output_dir=str(Path(out_dir) / "checkpoints"), per_device_train_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type=cfg.schedule,
         warmup_steps=warmup, num_train_epochs=cfg.epochs, max_steps=total_steps,
-        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim=_resolve_optim(cfg.optim, device),
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim=_resolve_optim(cfg.optim, device, dist_env()[2]),
         logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, seed=cfg.seed, data_seed=cfg.seed, use_cpu=device == "cpu",
         bf16=bf16, fp16=fp16, report_to="none", remove_unused_columns=False, disable_tqdm=not progress,
@@ -854,10 +869,14 @@ def finetune(base_spec: str, train_data, cfg=None, out_dir="finetune_out", heldo
     plan = plan_steps(data, cfg, source=train_data)
     prep_s = time.time() - t0
     model, gc = build_model(base_spec, cfg, device)
-    held = score_base(model, tok, heldout_data, cfg, chat_template, out)
+    rank, world, _ = dist_env()
+    held = score_base(model, tok, heldout_data, cfg, chat_template, out) if rank == 0 else None   # scored once
     trainer = make_trainer(model, tok, data, plan, cfg, device, out, progress)
     run = train_or_resume(trainer, out, resume)
-    if not trainer.is_world_process_zero(): return {"adapter": str(out / "adapter"), "rank": int(os.environ.get("RANK", "0"))}
+    if world > 1:                    # each rank's record: it trained (steps, seconds), from which checkpoint
+        atomic_write_json(out / "ranks" / f"rank-{rank}.json", {"rank": rank, "world_size": world, "steps": trainer.state.global_step,
+                          "resumed_from_step": run.start_step, "train_s": round(run.seconds, 2), "time": now_iso()})
+    if not trainer.is_world_process_zero(): return {"adapter": str(out / "adapter"), "rank": rank}
     save_final_adapters(model, tok, out, plan.full_labels)
     summary = run_summary(base_spec, train_data, cfg, device, model, gc, data, plan, run, prep_s, out, chat_template)
     summary["length_caps"] = caps
@@ -903,6 +922,47 @@ def heldout_rows(held: dict, fields: dict, data_label: str, budgets: dict, final
         rows.append(row(held["after_final"], "imitation", data_label, final_budget_m, "final adapter"))
     return rows
 
+# %% ../nbs/30_finetune.ipynb #64bd86b1
+def split_accumulation(cfg: FinetuneConfig, n: int) -> FinetuneConfig:
+    "`cfg` for each of `n` processes: `grad_accum / n`, so a step still takes `per_device_batch_size x grad_accum` rows."
+    import dataclasses
+    if n <= 1: return cfg
+    if cfg.grad_accum % n:
+        raise ValueError(f"finetune.grad_accum={cfg.grad_accum} cannot be split over compute.num_gpus={n} processes "
+                         f"(a step of {cfg.per_device_batch_size} x {cfg.grad_accum} rows would change): make it a multiple of {n}")
+    return dataclasses.replace(cfg, grad_accum=cfg.grad_accum // n)
+
+# %% ../nbs/30_finetune.ipynb #904e1e91
+def launch_command(n: int, device: str, script, port: int, accelerate_config=None) -> list[str]:
+    "The command that runs `script` in `n` processes: `accelerate launch` on CUDA, `torch.distributed.run` (gloo) on CPU."
+    if device.startswith("cuda") or device == "auto":
+        from imitation_nb.core import configs_dir
+        cfg = accelerate_config or configs_dir() / "accelerate" / "ddp.yaml"
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg), "--num_processes", str(n),
+                "--main_process_port", str(port), str(script)]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr", "127.0.0.1",
+            "--master_port", str(port), str(script)]
+
+# %% ../nbs/30_finetune.ipynb #b5a1e8d8
+def finetune_worker(args_file=None):
+    "One process of a launched run: `finetune(**json)` from `args_file` (default: argv[1])."
+    args = json.loads(Path(args_file or sys.argv[1]).read_text())
+    finetune(**args)
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+def launch_finetune(kwargs: dict, n: int, device: str, out_dir, accelerate_config=None) -> None:
+    "Run `finetune(**kwargs)` in `n` processes (`launch_command`); raises naming the command when a process fails."
+    import subprocess
+    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "launch_args.json", kwargs)
+    atomic_write_text(out / "launch_worker.py", "from imitation_nb.finetune import finetune_worker\nfinetune_worker()\n")
+    cmd = launch_command(n, device, out / "launch_worker.py", _free_port(), accelerate_config) + [str(out / "launch_args.json")]
+    r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    if r.returncode: raise RuntimeError(f"finetune: the {n}-process launch failed (exit {r.returncode}): {' '.join(cmd)}")
+
 # %% ../nbs/30_finetune.ipynb #e63690c9
 from fastcore.script import call_parse
 
@@ -928,6 +988,12 @@ def run_finetune(profile="smoke", run_dir=None, base: str = "smollm2-135m", trai
                   save_at_budgets_m=list(save_at_budgets_m), budget_m=budget_m, data_label=data_label,
                   config=dataclasses.asdict(fcfg), **({"template": template} if template else {}))
     rd = Path(run_dir) if run_dir else run_dir_for(prof.name, "finetune", params)
+    rank, world, _ = dist_env()
+    if world > 1 and rank != 0:      # launched by hand (accelerate launch ... finetune): rank 0 keeps the records
+        finetune(spec, train_file, fcfg, rd, heldout_data=heldout_file, save_at_budgets_m=list(save_at_budgets_m),
+                 chat_template=tmpl, resume=resume, progress=progress)
+        return rd
+    n = max(1, prof.compute.num_gpus) if world == 1 else 1
     with StageRun("finetune", params, profile=profile, run_dir=rd, seed=fcfg.seed) as run:
         if train_file is None:   # standalone smoke run: a small real ShareGPT sample
             train_file, heldout_file = rd / "train_sample.jsonl", heldout_file or rd / "heldout_sample.jsonl"
@@ -937,8 +1003,14 @@ def run_finetune(profile="smoke", run_dir=None, base: str = "smollm2-135m", trai
                 append_jsonl(heldout_file, sharegpt_wheel(8, skip=300, max_chars=2000))
         run.add_input("train", train_file)
         if heldout_file: run.add_input("heldout", heldout_file)
-        summary = finetune(spec, train_file, fcfg, rd, heldout_data=heldout_file, save_at_budgets_m=list(save_at_budgets_m),
-                           chat_template=tmpl, resume=resume, progress=progress)
+        kw = dict(heldout_data=heldout_file and str(heldout_file), save_at_budgets_m=list(save_at_budgets_m),
+                  chat_template=tmpl, resume=resume, progress=progress)
+        if n > 1:                    # N processes, the same steps (split_accumulation); rank 0 writes summary.json
+            (rd / "summary.json").unlink(missing_ok=True)
+            launch_finetune(dict(base_spec=spec, train_data=str(train_file), cfg=asdict(split_accumulation(fcfg, n)),
+                                 out_dir=str(rd), **kw), n, prof.compute.device, rd)
+            summary = json.loads((rd / "summary.json").read_text())
+        else: summary = finetune(spec, train_file, fcfg, rd, **kw)
         run.add_model("base", model_info(spec))
         run.add_output("adapter", summary["adapter"]); run.add_output("train_log", rd / "train_log.jsonl")
         for lab, b in summary.get("budgets", {}).items():
@@ -973,6 +1045,7 @@ def finetune_cli(
     rd = run_finetune(profile, out_dir, base=base, train_file=train_file, heldout_file=heldout_file, save_at_budgets_m=bl,
                       budget_m=max(bl) if bl else None, data_label=data_label, overrides=overrides, template=template,
                       resume=not no_resume, progress=True)
+    if dist_env()[0] != 0: return 0              # rank 0 reports (and wrote the records)
     s = json.loads((Path(rd) / "summary.json").read_text())
     print(json.dumps({k: s.get(k) for k in ("adapter", "steps", "trained_tokens", "tokens_per_s", "train_loss")}, default=str))
     return 0

@@ -145,13 +145,16 @@ def load_tokenizer(spec: str, padding_side: str = "right", revision: str | None 
     return tok
 
 # %% ../nbs/01_models.ipynb #1e19855c
-def quantization_config(quantization: str, compute_dtype):
-    "BitsAndBytesConfig for `nf4` (QLoRA: 4-bit NormalFloat + double quantization) or `int8`; None for `none`."
+def quantization_config(quantization: str, compute_dtype, quant_storage=None):
+    """BitsAndBytesConfig for `nf4` (QLoRA: 4-bit NormalFloat + double quantization) or `int8`; None for `none`.
+    `quant_storage` (FSDP + QLoRA, peft's recipe): the dtype the packed 4-bit weights are stored in, so that FSDP can
+    flatten and shard them with the other parameters (the compute dtype, e.g. bfloat16)."""
     if quantization in (None, "none"): return None
     from transformers import BitsAndBytesConfig
     if quantization == "nf4":
+        kw = {"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype)
+                                  bnb_4bit_compute_dtype=compute_dtype, **kw)
     if quantization == "int8": return BitsAndBytesConfig(load_in_8bit=True)
     raise ValueError(f"quantization must be none | nf4 | int8, got {quantization!r}")
 
@@ -170,7 +173,8 @@ def no_cpu_repacking(model) -> int:
 # %% ../nbs/01_models.ipynb #bc810467
 def load_model(spec: str, quantization: str = "none", dtype: str = "auto", device: str = "auto",
                adapter: str | None = None, for_training: bool = False, revision: str | None = None,
-               attn_implementation: str | None = None, device_map=None, merge_adapter: bool = True):
+               attn_implementation: str | None = None, device_map=None, merge_adapter: bool = True,
+               quant_storage=None):
     """A causal LM for `spec` (+ an optional peft LoRA adapter): full precision, or 4-bit NF4 / 8-bit through
     bitsandbytes. The same call serves CPU and GPU; multi-GPU placement goes through `device_map` or accelerate.
     For inference on a full-precision base the adapter is merged into the weights (`merge_adapter`; logits
@@ -182,9 +186,10 @@ def load_model(spec: str, quantization: str = "none", dtype: str = "auto", devic
     dt = resolve_dtype(dtype, dev)
     kw = dict(dtype=dt, revision=revision)
     if attn_implementation: kw["attn_implementation"] = attn_implementation
-    qc = quantization_config(quantization, dt)
+    qc = quantization_config(quantization, dt, quant_storage)
     if qc is not None: kw["quantization_config"] = qc
-    if device_map is not None: kw["device_map"] = device_map
+    if device_map == "none": pass               # FSDP: no placement at load (accelerate shards the model)
+    elif device_map is not None: kw["device_map"] = device_map
     elif qc is not None or dev != "cpu": kw["device_map"] = {"": dev if dev != "cuda" else 0}
     model = AutoModelForCausalLM.from_pretrained(prepare_model(spec), **kw)
     if qc is not None: no_cpu_repacking(model)

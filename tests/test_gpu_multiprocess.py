@@ -1,0 +1,72 @@
+"""Issue 21, item 6: a profile asking for compute.num_gpus: 2 makes the finetune stage launch its training in two
+processes itself (here on CPU: torch.distributed.run, gloo), with rank-aware records: one manifest and one set of
+result rows (the parent), one adapter and one held-out scoring (rank 0), both ranks trained the same steps, and the
+same trained tokens and nested-budget steps as the one-process run (the per-process grad_accum is halved).
+Before: no code path launched several processes (num_gpus was ignored: one process trained)."""
+import json, os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+from imitation_nb.core import append_jsonl, read_jsonl
+from imitation_nb.models import load_tokenizer, tiny_random_model
+from imitation_nb.sources import sharegpt_wheel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mp")
+    tiny_random_model("smollm2-135m-instruct").save_pretrained(d / "m"); load_tokenizer("smollm2-135m-instruct").save_pretrained(d / "m")
+    append_jsonl(d / "train.jsonl", [dict(c, order=i) for i, c in enumerate(sharegpt_wheel(10, max_chars=900))])
+    append_jsonl(d / "held.jsonl", sharegpt_wheel(2, skip=300, max_chars=800))
+    raw = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    raw["models"] = {"tiny": {"spec": str(d / "m"), "family": "SmolLM2", "params_b": 0.001, "label": "tiny"}}
+    raw["grid"]["data_sweep"]["base"] = "tiny"; raw["grid"]["size_sweep"]["bases"] = ["tiny"]
+    raw["finetune"].update(method="lora", block_size=64, per_device_batch_size=2, grad_accum=2, warmup_steps=0, save_steps=3,
+                           lora_r=4, lora_alpha=8, audit_examples=1, heldout_max_examples=2, heldout_max_length=64,
+                           torch_threads=1)
+    raw["finetune"].pop("loss_chunk_tokens", None)
+    profiles = {}
+    for n in (1, 2):
+        raw["name"] = f"mp{n}"; raw["compute"] = {"device": "cpu", "num_gpus": n}
+        profiles[n] = d / f"mp{n}.yaml"; profiles[n].write_text(yaml.safe_dump(raw, sort_keys=False))
+    return d, profiles
+
+
+def run(setup, n, out):
+    from imitation_nb.finetune import run_finetune
+    d, profiles = setup
+    b = 0.0008
+    return run_finetune(str(profiles[n]), out, base="tiny", train_file=d / "train.jsonl", heldout_file=d / "held.jsonl",
+                        save_at_budgets_m=[b / 2, b], budget_m=b)
+
+
+def test_two_processes_train_like_one_and_rank_0_records(setup, tmp_path):
+    one, two = run(setup, 1, tmp_path / "one"), run(setup, 2, tmp_path / "two")
+    s1, s2 = (json.loads((r / "summary.json").read_text()) for r in (one, two))
+    ranks = sorted(json.loads(p.read_text())["rank"] for p in (two / "ranks").glob("rank-*.json"))
+    assert ranks == [0, 1], ranks                                                     # both ranks trained ...
+    steps = {json.loads(p.read_text())["steps"] for p in (two / "ranks").glob("rank-*.json")}
+    assert steps == {s2["steps"]} and s2["steps"] == s1["steps"] > 1                  # ... the same steps as one process
+    assert s2["trained_tokens"] == s1["trained_tokens"]
+    assert {k: v["step"] for k, v in s2["budgets"].items()} == {k: v["step"] for k, v in s1["budgets"].items()}
+    assert s2["config"]["grad_accum"] == 1 and s1["config"]["grad_accum"] == 2        # the step kept its 4 rows
+    assert not (one / "ranks").exists()
+    # records written once: one manifest (the parent's), one adapter, held-out scored once, result rows once
+    assert [p.name for p in two.glob("manifest*.json")] == ["manifest.json"]
+    man = json.loads((two / "manifest.json").read_text())
+    assert man["status"] == "done" and man["params"]["config"]["grad_accum"] == 2
+    assert (two / "adapter" / "adapter_model.safetensors").exists() and not list(two.glob(".adapter.tmp-*"))
+    held = json.loads((two / "heldout.json").read_text())
+    assert set(held) == set(json.loads((one / "heldout.json").read_text()))
+    import pandas as pd
+    res = pd.read_csv(two / "results.csv")
+    assert len(res) == len(pd.read_csv(one / "results.csv")) and (res["metric_key"] == "heldout_loss").all()
+    assert abs(held["base"]["loss"] - json.loads((one / "heldout.json").read_text())["base"]["loss"]) < 1e-6
