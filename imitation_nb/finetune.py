@@ -412,9 +412,12 @@ def _lm_loss_chunked(model, inputs, chunk: int, buffers: dict | None = None):
     biased head) are recomputed in the backward pass by torch checkpointing."""
     import torch, torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = model.module if hasattr(model, "module") else model      # DDP / FSDP wrap the model the trainer built
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     kw = {k: v for k, v in inputs.items() if k in ("input_ids", "position_ids", "attention_mask")}
-    h = base.model(**kw, use_cache=False).last_hidden_state
+    if inner is model: h = base.model(**kw, use_cache=False).last_hidden_state
+    else:    # through the wrapper's forward (its gradient synchronisation), the head on one position only
+        h = model(**kw, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
     labels = inputs["labels"]
     tgt = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1).reshape(-1)   # next-token targets
     keep = (tgt != -100).nonzero().squeeze(1)

@@ -70,3 +70,30 @@ def test_two_processes_train_like_one_and_rank_0_records(setup, tmp_path):
     res = pd.read_csv(two / "results.csv")
     assert len(res) == len(pd.read_csv(one / "results.csv")) and (res["metric_key"] == "heldout_loss").all()
     assert abs(held["base"]["loss"] - json.loads((one / "heldout.json").read_text())["base"]["loss"]) < 1e-6
+
+
+def test_chunked_loss_runs_through_the_ddp_wrapper():
+    """modern's chunked LM loss under DDP: the body runs through DDP's forward (which prepares its gradient all-reduce),
+    with the same loss and LoRA gradients as the unwrapped model. Before: AttributeError ('DistributedDataParallel'
+    has no attribute 'model'), and calling the inner modules directly would have skipped DDP's synchronisation."""
+    import socket
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from imitation_nb.finetune import _lm_loss_chunked
+    torch.manual_seed(0)
+    m = get_peft_model(tiny_random_model("smollm2-135m-instruct"), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids = torch.randint(0, 1000, (2, 16)); labels = ids.clone(); labels[:, :5] = -100
+    inp = {"input_ids": ids, "labels": labels, "position_ids": torch.cat([torch.arange(10), torch.arange(6)])[None].expand(2, -1)}
+    ref = _lm_loss_chunked(m, inp, 7); ref.backward()
+    g_ref = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad()
+    with socket.socket() as s: s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(m)
+        calls = []; ddp.register_forward_hook(lambda *a: calls.append(1))
+        got = _lm_loss_chunked(ddp, inp, 7); got.backward()
+    finally:
+        dist.destroy_process_group()
+    assert calls == [1] and abs(got.item() - ref.item()) < 1e-4
+    assert g_ref and all(torch.allclose(p.grad, g_ref[n], atol=1e-5) for n, p in m.named_parameters() if n in g_ref)
