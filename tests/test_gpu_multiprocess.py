@@ -97,3 +97,33 @@ def test_chunked_loss_runs_through_the_ddp_wrapper():
         dist.destroy_process_group()
     assert calls == [1] and abs(got.item() - ref.item()) < 1e-4
     assert g_ref and all(torch.allclose(p.grad, g_ref[n], atol=1e-5) for n, p in m.named_parameters() if n in g_ref)
+
+
+def test_kill_and_resume_of_a_two_process_run(setup, tmp_path):
+    """Killed after its first checkpoint (every process of the launch), the two-process stage run resumes from that
+    checkpoint on both ranks and ends with the adapter of an uninterrupted two-process run."""
+    import signal, subprocess, sys, time
+    from safetensors.torch import load_file
+    d, profiles = setup
+    ref = run(setup, 2, tmp_path / "ref")
+    out = tmp_path / "killed"
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import torch; torch.set_num_threads(1)\n"
+              f"from pathlib import Path; from test_gpu_multiprocess import run\n"
+              f"run((Path({str(d)!r}), {{2: Path({str(profiles[2])!r})}}), 2, Path({str(out)!r}))\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / "killed.log", "w")
+    p = subprocess.Popen([sys.executable, "-c", script], env=env, start_new_session=True, stdout=log, stderr=log)
+    ck = out / "checkpoints" / "checkpoint-3"
+    t0 = time.time()
+    while not ((ck / "trainer_state.json").exists() and (ck / "rng_state_1.pth").exists()):
+        assert p.poll() is None, "the launch ended before its first checkpoint: " + (tmp_path / "killed.log").read_text()[-3000:]
+        assert time.time() - t0 < 600
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL); p.wait()
+    assert not (out / "adapter").exists()                                      # killed before the end
+    run(setup, 2, out)                                                         # the stage again: it resumes
+    recs = [json.loads(f.read_text()) for f in sorted((out / "ranks").glob("rank-*.json"))]
+    assert [r["rank"] for r in recs] == [0, 1] and all(r["resumed_from_step"] >= 3 for r in recs), recs
+    assert json.loads((out / "summary.json").read_text())["steps"] == json.loads((ref / "summary.json").read_text())["steps"]
+    A = load_file(str(ref / "adapter" / "adapter_model.safetensors")); B = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert A.keys() == B.keys() and max((A[k] - B[k]).abs().max().item() for k in A) < 1e-5
