@@ -7,7 +7,7 @@ Docs: https://imitation-nb.github.io/imitation_nb/eval_benchmarks.html.md"""
 # %% ../nbs/42_eval_benchmarks.ipynb #4f917684
 from __future__ import annotations
 
-import csv, dataclasses, gzip, json, math, random, re, string, textwrap, time
+import csv, dataclasses, gzip, json, math, random, re, string, textwrap, time, warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +18,12 @@ from .generate import Generator, make_generator, generate_to_file, next_token_lo
 from .sandbox import SandboxLimits, TestedProgram, run_many, sandbox_capabilities, sandbox_mode
 
 # %% auto #0
-__all__ = ['CHOICES', 'HUMANEVAL_STOP', 'HUMANEVAL_INSTRUCTION', 'EvalBenchmarksConfig', 'normalize_answer', 'exact_match',
-           'first_line', 'load_nq', 'load_triviaqa', 'qa_question', 'qa_prompt', 'seeded_subset', 'eval_qa',
-           'mmlu_subjects', 'load_mmlu', 'format_subject', 'mmlu_example', 'mmlu_prompt', 'mmlu_letter_scores',
-           'mmlu_questions', 'eval_mmlu', 'mmlu_summary', 'load_humaneval', 'humaneval_program', 'humaneval_messages',
-           'extract_code', 'humaneval_completion', 'humaneval_prompt_mode', 'pass_at_k', 'eval_humaneval', 'qa_rows',
-           'mmlu_rows', 'humaneval_rows', 'run_eval_benchmarks']
+__all__ = ['CHOICES', 'HUMANEVAL_STOP', 'HUMANEVAL_INSTRUCTION', 'MMLU_EVALUATOR', 'EvalBenchmarksConfig', 'normalize_answer',
+           'exact_match', 'first_line', 'load_nq', 'load_triviaqa', 'qa_question', 'qa_prompt', 'seeded_subset',
+           'eval_qa', 'mmlu_subjects', 'load_mmlu', 'format_subject', 'mmlu_example', 'mmlu_prompt',
+           'mmlu_fitted_prompt', 'mmlu_letter_scores', 'mmlu_questions', 'eval_mmlu', 'mmlu_summary', 'load_humaneval',
+           'humaneval_program', 'humaneval_messages', 'extract_code', 'humaneval_completion', 'humaneval_prompt_mode',
+           'pass_at_k', 'eval_humaneval', 'qa_rows', 'mmlu_rows', 'humaneval_rows', 'run_eval_benchmarks']
 
 # %% ../nbs/42_eval_benchmarks.ipynb #23414479
 @register_section("eval_benchmarks")
@@ -158,6 +158,14 @@ def mmlu_prompt(q: dict, dev: list[dict], shots: int = 5) -> str:
     head = f"The following are multiple choice questions (with answers) about {format_subject(q['subject'])}.\n\n"
     return head + "".join(mmlu_example(d) for d in dev[:shots]) + mmlu_example(q, include_answer=False)
 
+# %% ../nbs/42_eval_benchmarks.ipynb #ac0938e8
+def mmlu_fitted_prompt(q: dict, dev: list[dict], shots: int, tok=None, context: int | None = None) -> tuple[str, int]:
+    "(`mmlu_prompt`, exemplars used): with `context`, exemplars are dropped until the prompt's tokens fit it."
+    k, p = shots, mmlu_prompt(q, dev, shots)
+    while context and tok is not None and k > 0 and len(tok(p).input_ids) > context:
+        k -= 1; p = mmlu_prompt(q, dev, k)
+    return p, k
+
 # %% ../nbs/42_eval_benchmarks.ipynb #34d614d7
 def mmlu_letter_scores(logprobs) -> list[int]:
     "Predicted choice index per question from [n, 4] log-probabilities of ' A'..' D' (ties → the first)."
@@ -175,25 +183,31 @@ def mmlu_questions(per_subject: int, n_subjects: int, seed: int) -> list[dict]:
 # %% ../nbs/42_eval_benchmarks.ipynb #25a7462a
 def eval_mmlu(gen: Generator, questions: list[dict], shots: int, out_file, max_batch_tokens: int = 8192,
               batch_size: int = 16) -> list[dict]:
-    """Score MMLU questions (resumably: per-question log-probs appended to `out_file`). Local models: one
-    forward pass per question; the OpenAI backend generates one token and reads the letter."""
+    """Score MMLU questions (resumably: per-question log-probs appended to `out_file`). Local models (HF or vLLM):
+    next-token log-probs of ' A'..' D' (`Generator.score_next_tokens`); a chat API generates the letter (its records
+    have no log-probs, and its rows say so: `mmlu_summary` / `mmlu_rows`)."""
     out_file = Path(out_file)
     if out_file.exists(): repair_jsonl(out_file)
     done = {r["id"]: r for r in read_jsonl(out_file)}
     dev = {s: load_mmlu(s, "dev") for s in sorted({q["subject"] for q in questions})}
     todo = [q for q in questions if q["id"] not in done]
-    prompts = [mmlu_prompt(q, dev[q["subject"]], shots) for q in todo]
-    if todo and gen.backend == "hf":
+    fitted = [mmlu_fitted_prompt(q, dev[q["subject"]], shots, gen.tok, getattr(gen, "context", None)) for q in todo]
+    prompts, used = [p for p, _ in fitted], [k for _, k in fitted]
+    if any(k < shots for k in used):
+        warnings.warn(f"MMLU: {sum(k < shots for k in used)} of {len(todo)} prompts exceed the context of {gen.spec} "
+                      f"({gen.context} tokens) with {shots} exemplars: exemplars dropped until they fit (Hendrycks et al.'s rule)")
+    fewer = lambda i: {"shots": used[i]} if used[i] < shots else {}
+    if todo and gen.backend in ("hf", "vllm"):
         ids = single_token_ids(gen.tok, [" " + c for c in CHOICES])
         def write(idx, lp):
             recs = [{"id": todo[i]["id"], "subject": todo[i]["subject"], "answer": todo[i]["answer"],
-                     "logprobs": [round(float(x), 6) for x in row], "pred": mmlu_letter_scores([row])[0]}
+                     "logprobs": [round(float(x), 6) for x in row], "pred": mmlu_letter_scores([row])[0], **fewer(i)}
                     for i, row in zip(idx, lp)]
             append_jsonl(out_file, recs)
             for r in recs: done[r["id"]] = r
-        next_token_logprobs(gen.model, gen.tok, prompts, ids, max_batch_tokens=max_batch_tokens,
-                            max_batch=batch_size, progress=True, on_batch=write, groups=[q["subject"] for q in todo])
-    elif todo:  # vLLM / chat API: generate the letter
+        gen.score_next_tokens(prompts, ids, on_batch=write, groups=[q["subject"] for q in todo],
+                              max_batch_tokens=max_batch_tokens, max_batch=batch_size, progress=True)
+    elif todo:  # chat API: generate the letter
         items = [{"id": q["id"], "prompt": p} for q, p in zip(todo, prompts)]
         recs = generate_to_file(gen, items, out_file.with_name(out_file.stem + "_gen.jsonl"), max_new_tokens=2,
                                 temperature=0.0, batch_size=batch_size, chat="off" if gen.backend != "openai" else "on")
@@ -208,12 +222,14 @@ def eval_mmlu(gen: Generator, questions: list[dict], shots: int, out_file, max_b
 
 # %% ../nbs/42_eval_benchmarks.ipynb #576ab7f1
 def mmlu_summary(recs: list[dict]) -> dict:
-    "Micro and macro accuracy and per-subject (correct, n)."
+    "Micro and macro accuracy, per-subject (correct, n), and how the answers were read (`method`: logprob | generated | mixed)."
     by = defaultdict(lambda: [0, 0])
     for r in recs: by[r["subject"]][0] += int(r["pred"] == r["answer"]); by[r["subject"]][1] += 1
     k = sum(v[0] for v in by.values()); n = sum(v[1] for v in by.values())
     return {"correct": k, "n": n, "micro": k / n if n else float("nan"),
-            "macro": sum(v[0] / v[1] for v in by.values()) / len(by) if by else float("nan"), "subjects": dict(by)}
+            "macro": sum(v[0] / v[1] for v in by.values()) / len(by) if by else float("nan"), "subjects": dict(by),
+            "method": "logprob" if all(r.get("logprobs") is not None for r in recs) else
+                      "generated" if all(r.get("logprobs") is None for r in recs) else "mixed"}
 
 # %% ../nbs/42_eval_benchmarks.ipynb #9e5eea17
 HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
@@ -350,17 +366,22 @@ def qa_rows(key: str, k: int, n: int, subject: dict, note: str) -> list[dict]:
     return [_row(key, name + " (%)", proportion_row(k, n), subject, "exact match, SQuAD normalisation", note)]
 
 # %% ../nbs/42_eval_benchmarks.ipynb #aa3644a3
+MMLU_EVALUATOR = {"logprob": "next-token log-prob of ' A'..' D'",
+                  "generated": "generated answer letter (greedy, first A-D of 2 tokens)",
+                  "mixed": "mixed: next-token log-prob and generated letters"}
+
 def mmlu_rows(summary: dict, subject: dict, shots: int) -> list[dict]:
+    ev = MMLU_EVALUATOR[summary.get("method", "logprob")]
     rows = [_row("mmlu_acc", f"MMLU {shots}-shot accuracy (%), micro average", proportion_row(summary["correct"], summary["n"]),
-                 subject, "next-token log-prob of ' A'..' D'", f"{len(summary['subjects'])} subjects")]
+                 subject, ev, f"{len(summary['subjects'])} subjects")]
     macro = [v[0] / v[1] for v in summary["subjects"].values()]
     lo, hi = bootstrap_ci(macro) if len(macro) > 1 else (float("nan"), float("nan"))
     rows.append(_row("mmlu_acc_macro", f"MMLU {shots}-shot accuracy (%), macro average over subjects",
                      {"value": 100 * summary["macro"], "n": summary["n"], "ci_low": 100 * lo, "ci_high": 100 * hi},
-                     subject, "next-token log-prob of ' A'..' D'", "CI: bootstrap over subjects"))
+                     subject, ev, "CI: bootstrap over subjects"))
     for s, (k, n) in sorted(summary["subjects"].items()):
         rows.append(_row("mmlu_acc_subject", f"MMLU {shots}-shot accuracy (%), {format_subject(s)}",
-                         proportion_row(k, n), subject, "next-token log-prob of ' A'..' D'", panel=s))
+                         proportion_row(k, n), subject, ev, panel=s))
     return rows
 
 # %% ../nbs/42_eval_benchmarks.ipynb #4625d0d0

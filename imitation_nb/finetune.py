@@ -20,10 +20,12 @@ from .train_kernels import PACKED_ATTENTION, register_packed_attention, use_fast
 # %% auto #0
 __all__ = ['FinetuneConfig', 'encode_conversations', 'MaskingAuditError', 'audit_masking', 'pack_blocks', 'unpacked_rows',
            'BlockCollator', 'budget_label', 'budget_groups', 'heldout_loss', 'save_adapter', 'last_checkpoint',
-           'add_lora', 'build_model', 'start_run', 'rows_per_step', 'make_rows', 'TrainData', 'prepare_data',
-           'cumulative_tokens', 'budget_steps', 'StepPlan', 'plan_steps', 'cut_warmup', 'HeldOut', 'score_base',
-           'training_arguments', 'make_trainer', 'TrainRun', 'train_or_resume', 'save_final_adapters', 'budget_summary',
-           'run_summary', 'score_budgets', 'finetune', 'merge_adapter', 'heldout_rows', 'run_finetune', 'finetune_cli']
+           'add_lora', 'choose_attention', 'dist_env', 'placement', 'build_model', 'start_run', 'fit_to_context',
+           'rows_per_step', 'make_rows', 'TrainData', 'prepare_data', 'cumulative_tokens', 'budget_steps', 'StepPlan',
+           'plan_steps', 'cut_warmup', 'HeldOut', 'score_base', 'training_arguments', 'train_precision', 'make_trainer',
+           'TrainRun', 'train_or_resume', 'save_final_adapters', 'budget_summary', 'run_summary', 'score_budgets',
+           'finetune', 'merge_adapter', 'heldout_rows', 'split_accumulation', 'launch_command', 'finetune_worker',
+           'launch_finetune', 'run_finetune', 'finetune_cli']
 
 # %% ../nbs/30_finetune.ipynb #41855a7d
 @register_section("finetune")
@@ -248,10 +250,16 @@ def unpacked_rows(examples, block_size: int, groups=None, rows_multiple: int = 1
 # %% ../nbs/30_finetune.ipynb #b5ccd39f
 class BlockCollator:
     """Stack rows into a batch. Packed rows: no attention mask (position ids delimit the pieces); padded rows
-    (`packing=False`): right-padding with an attention mask."""
-    def __init__(self, pad_id: int, packing: bool = True): self.pad_id, self.packing = pad_id, packing
+    (`packing=False`): right-padding with an attention mask. `flatten` (packed rows, flash-attention): the rows
+    are concatenated into one row of the batch, as `DataCollatorWithFlattening` does -- flash-attention's varlen
+    path reads the pieces from the position ids only when the batch has one row."""
+    def __init__(self, pad_id: int, packing: bool = True, flatten: bool = False):
+        self.pad_id, self.packing, self.flatten = pad_id, packing, flatten and packing
     def __call__(self, rows):
         import torch
+        if self.flatten:
+            cat = lambda k: torch.tensor([x for r in rows for x in r[k]], dtype=torch.long)[None]
+            return {"input_ids": cat("input_ids"), "labels": cat("labels"), "position_ids": cat("position_ids")}
         L = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), L), self.pad_id, dtype=torch.long)
         lab = torch.full((len(rows), L), -100, dtype=torch.long)
@@ -290,6 +298,11 @@ def heldout_loss(model, tokenizer, convs, template=None, max_length: int = 512, 
     token-weighted, with a bootstrap 95% interval over conversations."""
     import numpy as np, torch, torch.nn.functional as F
     enc = encoded if encoded is not None else encode_conversations(tokenizer, convs, template, max_length)
+    from imitation_nb.models import context_length, cap_length
+    ctx = context_length(model.config)
+    if ctx and any(len(e["input_ids"]) > ctx for e in enc):      # a longer row would index past the positions
+        cap_length(max(len(e["input_ids"]) for e in enc), ctx, "held-out conversation length")
+        enc = [dict(e, input_ids=e["input_ids"][:ctx], labels=e["labels"][:ctx]) for e in enc]
     enc = [e for e in enc if sum(1 for x in e["labels"][1:] if x != -100)]
     if not enc: raise ValueError("held-out conversations contain no assistant tokens to score")
     was = model.training; model.eval()
@@ -399,9 +412,12 @@ def _lm_loss_chunked(model, inputs, chunk: int, buffers: dict | None = None):
     biased head) are recomputed in the backward pass by torch checkpointing."""
     import torch, torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = model.module if hasattr(model, "module") else model      # DDP / FSDP wrap the model the trainer built
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     kw = {k: v for k, v in inputs.items() if k in ("input_ids", "position_ids", "attention_mask")}
-    h = base.model(**kw, use_cache=False).last_hidden_state
+    if inner is model: h = base.model(**kw, use_cache=False).last_hidden_state
+    else:    # through the wrapper's forward (its gradient synchronisation), the head on one position only
+        h = model(**kw, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
     labels = inputs["labels"]
     tgt = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1).reshape(-1)   # next-token targets
     keep = (tgt != -100).nonzero().squeeze(1)
@@ -516,6 +532,28 @@ def add_lora(model, cfg: FinetuneConfig):
     if cfg.fused_lora: use_fused_lora(model)
     return model
 
+# %% ../nbs/30_finetune.ipynb #108f564b
+def choose_attention(requested: str, packing: bool, device: str, flash_installed: bool, half_precision: bool) -> tuple:
+    "(attn_implementation or None for the model's default, whether to flatten the batch): see above."
+    if requested != "auto": return requested, packing and requested.startswith("flash")
+    if not packing: return None, False
+    if not device.startswith("cuda"): return PACKED_ATTENTION, False
+    if flash_installed and half_precision: return "flash_attention_2", True
+    return "sdpa", False
+
+# %% ../nbs/30_finetune.ipynb #45822144
+def dist_env(environ=None) -> tuple[int, int, bool]:
+    "(rank, world size, FSDP) from the launcher's environment (`RANK`, `WORLD_SIZE`, accelerate's `ACCELERATE_USE_FSDP`)."
+    e = os.environ if environ is None else environ
+    return int(e.get("RANK", "0")), int(e.get("WORLD_SIZE", "1")), str(e.get("ACCELERATE_USE_FSDP", "")).lower() == "true"
+
+# %% ../nbs/30_finetune.ipynb #813c4141
+def placement(device: str, local_rank: int | None, fsdp: bool, quantized: bool, dtype: str = "auto") -> tuple:
+    "(device_map for `models.load_model`, 4-bit storage dtype or None): see above."
+    if fsdp: return "none", ("bfloat16" if dtype in ("auto", "bfloat16", "bf16") else dtype) if quantized else None
+    if local_rank is not None and device.startswith("cuda"): return {"": local_rank}, None
+    return None, None
+
 # %% ../nbs/30_finetune.ipynb #6a3bc784
 def build_model(base_spec: str, cfg: FinetuneConfig, device: str):
     "Base (4-bit NF4 for qlora, full precision otherwise) through `models.load_model`, + a fresh LoRA adapter."
@@ -524,9 +562,9 @@ def build_model(base_spec: str, cfg: FinetuneConfig, device: str):
     quant = {"qlora": "nf4", "lora": "none", "full": "none"}.get(cfg.method)
     if quant is None: raise ValueError(f"finetune.method must be qlora | lora | full, got {cfg.method!r}")
     local = os.environ.get("LOCAL_RANK")
-    device_map = {"": int(local)} if local is not None and device.startswith("cuda") else None
+    device_map, storage = placement(device, int(local) if local is not None else None, dist_env()[2], quant != "none", cfg.dtype)
     model = load_model(base_spec, quantization=quant, dtype=cfg.dtype, device=device, for_training=True,
-                       device_map=device_map)
+                       device_map=device_map, quant_storage=getattr(torch, storage) if storage else None)
     gc = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else not device.startswith("cpu")
     if quant != "none":
         from peft import prepare_model_for_kbit_training
@@ -536,7 +574,10 @@ def build_model(base_spec: str, cfg: FinetuneConfig, device: str):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.method != "full": model.enable_input_require_grads()
     model.config.use_cache = False        # packed pieces stay independent only without a cache
-    attn = cfg.attention if cfg.attention != "auto" else (PACKED_ATTENTION if cfg.packing else None)
+    from imitation_nb.models import resolve_dtype
+    from transformers.utils import is_flash_attn_2_available
+    half = resolve_dtype(cfg.dtype, device) in (torch.bfloat16, torch.float16)
+    attn, _ = choose_attention(cfg.attention, cfg.packing, device, is_flash_attn_2_available(), half)
     if attn:                              # packed_sdpa: one causal SDPA call per packed piece (train_kernels)
         if attn == PACKED_ATTENTION: register_packed_attention()
         model.set_attn_implementation(attn)
@@ -569,6 +610,17 @@ def start_run(cfg, out_dir, budgets_m=None, **overrides) -> tuple[FinetuneConfig
         raise ValueError(f"save_at_budgets_m needs a schedule that does not depend on the run length "
                          f"(constant / constant_with_warmup), got {cfg.schedule!r}: the smaller budgets would not be prefixes")
     return cfg, out, device
+
+# %% ../nbs/30_finetune.ipynb #972cf2b3
+def fit_to_context(cfg: FinetuneConfig, context: int | None, model: str = "the base") -> tuple[FinetuneConfig, dict]:
+    "`cfg` with `block_size` / `heldout_max_length` capped at the base's `context`, and {field: [asked, used]} of the caps."
+    import dataclasses
+    from imitation_nb.models import cap_length
+    caps = {}
+    for k in ("block_size", "heldout_max_length"):
+        v = cap_length(getattr(cfg, k), context, f"finetune.{k}", model)
+        if v != getattr(cfg, k): caps[k] = [getattr(cfg, k), v]
+    return dataclasses.replace(cfg, **{k: v for k, (_, v) in caps.items()}), caps
 
 # %% ../nbs/30_finetune.ipynb #18fae00b
 def rows_per_step(cfg: FinetuneConfig) -> int:
@@ -683,23 +735,36 @@ def score_base(model, tokenizer, heldout_data, cfg: FinetuneConfig, template=Non
     return HeldOut(hconvs, henc, base)
 
 # %% ../nbs/30_finetune.ipynb #dfbe1044
-def _resolve_optim(optim: str, device: str) -> str:
+def _resolve_optim(optim: str, device: str, fsdp: bool = False) -> str:
+    "`auto`: paged 8-bit AdamW on CUDA (QLoRA), plain AdamW on CPU and under FSDP (whose sharded state it cannot page)."
     if optim != "auto": return optim
-    return "paged_adamw_8bit" if device.startswith("cuda") else "adamw_torch"
+    return "paged_adamw_8bit" if device.startswith("cuda") and not fsdp else "adamw_torch"
 
 def training_arguments(cfg: FinetuneConfig, out_dir, device: str, total_steps: int, warmup: int,
-                       progress: bool = False, bf16: bool = False):
+                       progress: bool = False, bf16: bool = False, fp16: bool = False):
     "The HF `TrainingArguments` of a run: `cfg`'s schedule and optimizer, checkpoints in `out_dir/checkpoints`."
     from transformers import TrainingArguments
     return TrainingArguments(
         output_dir=str(Path(out_dir) / "checkpoints"), per_device_train_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type=cfg.schedule,
         warmup_steps=warmup, num_train_epochs=cfg.epochs, max_steps=total_steps,
-        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim=_resolve_optim(cfg.optim, device),
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim=_resolve_optim(cfg.optim, device, dist_env()[2]),
         logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, seed=cfg.seed, data_seed=cfg.seed, use_cpu=device == "cpu",
-        bf16=bf16, report_to="none", remove_unused_columns=False, disable_tqdm=not progress,
+        bf16=bf16, fp16=fp16, report_to="none", remove_unused_columns=False, disable_tqdm=not progress,
         dataloader_drop_last=False)
+
+# %% ../nbs/30_finetune.ipynb #2c13fac5
+def train_precision(dtype: str, device: str, bf16_supported: bool) -> str:
+    "Autocast of the training step: 'bf16' | 'fp16' | 'no', from the requested `dtype` and the device (see above)."
+    d = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype, dtype)
+    if d not in ("auto", "bfloat16", "float16", "float32"):
+        raise ValueError(f"finetune.dtype must be auto | bfloat16 | float16 | float32, got {dtype!r}")
+    cuda = device.startswith("cuda")
+    if d == "bfloat16" and cuda and not bf16_supported:
+        raise ValueError(f"finetune.dtype=bfloat16 but {device} has no bf16 support: use float16 or float32")
+    if d == "auto": return "bf16" if cuda and bf16_supported else "no"
+    return {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}[d]
 
 # %% ../nbs/30_finetune.ipynb #0cabbfe0
 def make_trainer(model, tokenizer, data: TrainData, plan: StepPlan, cfg: FinetuneConfig, device: str, out_dir,
@@ -708,9 +773,11 @@ def make_trainer(model, tokenizer, data: TrainData, plan: StepPlan, cfg: Finetun
     out = Path(out_dir)
     JsonlLog, BudgetSaver = _jsonl_log_cls(), _budget_saver_cls()
     Trainer = _make_trainer_cls()
-    use_bf16 = device.startswith("cuda") and str(next(model.parameters()).dtype) == "torch.bfloat16"
-    args = training_arguments(cfg, out, device, plan.total_steps, cut_warmup(cfg, plan), progress, use_bf16)
-    trainer = Trainer(model=model, args=args, train_dataset=data.rows, data_collator=BlockCollator(data.pad_id, cfg.packing),
+    import torch
+    flatten = str(getattr(model.config, "_attn_implementation", "")).startswith("flash")   # varlen: one row per batch
+    mp = train_precision(cfg.dtype, device, device.startswith("cuda") and torch.cuda.is_bf16_supported())
+    args = training_arguments(cfg, out, device, plan.total_steps, cut_warmup(cfg, plan), progress, mp == "bf16", mp == "fp16")
+    trainer = Trainer(model=model, args=args, train_dataset=data.rows, data_collator=BlockCollator(data.pad_id, cfg.packing, flatten),
                       callbacks=[JsonlLog(out / "train_log.jsonl", plan.cum_tokens), BudgetSaver(plan.at_steps, out, tokenizer)])
     trainer.loss_chunk_tokens = cfg.loss_chunk_tokens
     return trainer
@@ -797,22 +864,29 @@ def finetune(base_spec: str, train_data, cfg=None, out_dir="finetune_out", heldo
     budget of `save_at_budgets_m` (exact prefixes of this run), `heldout.json`, `summary.json` and the
     training curves (`curves`: `tensorboard/` event files, `curves.csv`, `curves.png`).
     Re-running with `resume=True` continues from the newest checkpoint."""
-    from imitation_nb.models import load_tokenizer
+    from imitation_nb.models import load_tokenizer, model_context_length
     cfg, out, device = start_run(cfg, out_dir, save_at_budgets_m, **overrides)
+    cfg, caps = fit_to_context(cfg, model_context_length(base_spec), base_spec)
     tok = load_tokenizer(base_spec)
     t0 = time.time()
     data = prepare_data(tok, train_data, cfg, save_at_budgets_m, chat_template, out / "masking_audit.txt")
     plan = plan_steps(data, cfg, source=train_data)
     prep_s = time.time() - t0
     model, gc = build_model(base_spec, cfg, device)
-    held = score_base(model, tok, heldout_data, cfg, chat_template, out)
+    rank, world, _ = dist_env()
+    held = score_base(model, tok, heldout_data, cfg, chat_template, out) if rank == 0 else None   # scored once
     trainer = make_trainer(model, tok, data, plan, cfg, device, out, progress)
     from imitation_nb.curves import attach_curves, write_curves     # TensorBoard event files in out/tensorboard
     attach_curves(trainer, out, plan.cum_tokens)
     run = train_or_resume(trainer, out, resume)
-    if not trainer.is_world_process_zero(): return {"adapter": str(out / "adapter"), "rank": int(os.environ.get("RANK", "0"))}
+    if world > 1:                    # each rank's record: it trained (steps, seconds), from which checkpoint
+        atomic_write_json(out / "ranks" / f"rank-{rank}.json", {"rank": rank, "world_size": world, "steps": trainer.state.global_step,
+                          "resumed_from_step": run.start_step, "train_s": round(run.seconds, 2), "time": now_iso()})
+    if not trainer.is_world_process_zero(): return {"adapter": str(out / "adapter"), "rank": rank}
     save_final_adapters(model, tok, out, plan.full_labels)
     summary = run_summary(base_spec, train_data, cfg, device, model, gc, data, plan, run, prep_s, out, chat_template)
+    summary["length_caps"] = caps
+    summary["mixed_precision"] = "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "no"
     if held is not None:
         scores = score_budgets(model, tok, held, data.groups, cfg, out, chat_template)
         summary["heldout"] = {k: {kk: vv for kk, vv in v.items() if kk != "per_conversation"} for k, v in scores.items()}
@@ -855,6 +929,47 @@ def heldout_rows(held: dict, fields: dict, data_label: str, budgets: dict, final
         rows.append(row(held["after_final"], "imitation", data_label, final_budget_m, "final adapter"))
     return rows
 
+# %% ../nbs/30_finetune.ipynb #64bd86b1
+def split_accumulation(cfg: FinetuneConfig, n: int) -> FinetuneConfig:
+    "`cfg` for each of `n` processes: `grad_accum / n`, so a step still takes `per_device_batch_size x grad_accum` rows."
+    import dataclasses
+    if n <= 1: return cfg
+    if cfg.grad_accum % n:
+        raise ValueError(f"finetune.grad_accum={cfg.grad_accum} cannot be split over compute.num_gpus={n} processes "
+                         f"(a step of {cfg.per_device_batch_size} x {cfg.grad_accum} rows would change): make it a multiple of {n}")
+    return dataclasses.replace(cfg, grad_accum=cfg.grad_accum // n)
+
+# %% ../nbs/30_finetune.ipynb #904e1e91
+def launch_command(n: int, device: str, script, port: int, accelerate_config=None) -> list[str]:
+    "The command that runs `script` in `n` processes: `accelerate launch` on CUDA, `torch.distributed.run` (gloo) on CPU."
+    if device.startswith("cuda") or device == "auto":
+        from imitation_nb.core import configs_dir
+        cfg = accelerate_config or configs_dir() / "accelerate" / "ddp.yaml"
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg), "--num_processes", str(n),
+                "--main_process_port", str(port), str(script)]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr", "127.0.0.1",
+            "--master_port", str(port), str(script)]
+
+# %% ../nbs/30_finetune.ipynb #b5a1e8d8
+def finetune_worker(args_file=None):
+    "One process of a launched run: `finetune(**json)` from `args_file` (default: argv[1])."
+    args = json.loads(Path(args_file or sys.argv[1]).read_text())
+    finetune(**args)
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
+
+def launch_finetune(kwargs: dict, n: int, device: str, out_dir, accelerate_config=None) -> None:
+    "Run `finetune(**kwargs)` in `n` processes (`launch_command`); raises naming the command when a process fails."
+    import subprocess
+    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "launch_args.json", kwargs)
+    atomic_write_text(out / "launch_worker.py", "from imitation_nb.finetune import finetune_worker\nfinetune_worker()\n")
+    cmd = launch_command(n, device, out / "launch_worker.py", _free_port(), accelerate_config) + [str(out / "launch_args.json")]
+    r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    if r.returncode: raise RuntimeError(f"finetune: the {n}-process launch failed (exit {r.returncode}): {' '.join(cmd)}")
+
 # %% ../nbs/30_finetune.ipynb #e63690c9
 from fastcore.script import call_parse
 
@@ -880,6 +995,12 @@ def run_finetune(profile="smoke", run_dir=None, base: str = "smollm2-135m", trai
                   save_at_budgets_m=list(save_at_budgets_m), budget_m=budget_m, data_label=data_label,
                   config=dataclasses.asdict(fcfg), **({"template": template} if template else {}))
     rd = Path(run_dir) if run_dir else run_dir_for(prof.name, "finetune", params)
+    rank, world, _ = dist_env()
+    if world > 1 and rank != 0:      # launched by hand (accelerate launch ... finetune): rank 0 keeps the records
+        finetune(spec, train_file, fcfg, rd, heldout_data=heldout_file, save_at_budgets_m=list(save_at_budgets_m),
+                 chat_template=tmpl, resume=resume, progress=progress)
+        return rd
+    n = max(1, prof.compute.num_gpus) if world == 1 else 1
     with StageRun("finetune", params, profile=profile, run_dir=rd, seed=fcfg.seed) as run:
         if train_file is None:   # standalone smoke run: a small real ShareGPT sample
             train_file, heldout_file = rd / "train_sample.jsonl", heldout_file or rd / "heldout_sample.jsonl"
@@ -889,8 +1010,14 @@ def run_finetune(profile="smoke", run_dir=None, base: str = "smollm2-135m", trai
                 append_jsonl(heldout_file, sharegpt_wheel(8, skip=300, max_chars=2000))
         run.add_input("train", train_file)
         if heldout_file: run.add_input("heldout", heldout_file)
-        summary = finetune(spec, train_file, fcfg, rd, heldout_data=heldout_file, save_at_budgets_m=list(save_at_budgets_m),
-                           chat_template=tmpl, resume=resume, progress=progress)
+        kw = dict(heldout_data=heldout_file and str(heldout_file), save_at_budgets_m=list(save_at_budgets_m),
+                  chat_template=tmpl, resume=resume, progress=progress)
+        if n > 1:                    # N processes, the same steps (split_accumulation); rank 0 writes summary.json
+            (rd / "summary.json").unlink(missing_ok=True)
+            launch_finetune(dict(base_spec=spec, train_data=str(train_file), cfg=asdict(split_accumulation(fcfg, n)),
+                                 out_dir=str(rd), **kw), n, prof.compute.device, rd)
+            summary = json.loads((rd / "summary.json").read_text())
+        else: summary = finetune(spec, train_file, fcfg, rd, **kw)
         run.add_model("base", model_info(spec))
         run.add_output("adapter", summary["adapter"]); run.add_output("train_log", rd / "train_log.jsonl")
         for lab, b in summary.get("budgets", {}).items():
@@ -925,6 +1052,7 @@ def finetune_cli(
     rd = run_finetune(profile, out_dir, base=base, train_file=train_file, heldout_file=heldout_file, save_at_budgets_m=bl,
                       budget_m=max(bl) if bl else None, data_label=data_label, overrides=overrides, template=template,
                       resume=not no_resume, progress=True)
+    if dist_env()[0] != 0: return 0              # rank 0 reports (and wrote the records)
     s = json.loads((Path(rd) / "summary.json").read_text())
     print(json.dumps({k: s.get(k) for k in ("adapter", "steps", "trained_tokens", "tokens_per_s", "train_loss")}, default=str))
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib, dataclasses, json, math, os, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional
 
 from fastcore.basics import patch
@@ -19,9 +20,9 @@ from .core import (append_jsonl, read_jsonl, repair_jsonl, stable_hash, register
                                load_profile, StageRun, run_dir_for, subject_fields, check_no_secrets)
 
 # %% auto #0
-__all__ = ['GenerateConfig', 'load_lm', 'render_prompt', 'cut_at_stop', 'TopPWithinTopK', 'sampling_kwargs', 'Generator',
-           'generate_to_file', 'single_token_ids', 'next_token_logprobs', 'choice_logprobs', 'make_generator',
-           'run_generate']
+__all__ = ['VLLM_NO_LORA', 'VLLM_LORA_RANKS', 'GenerateConfig', 'load_lm', 'render_prompt', 'cut_at_stop', 'TopPWithinTopK',
+           'sampling_kwargs', 'choose_backend', 'vllm_engine_args', 'adapter_rank', 'Generator', 'generate_to_file',
+           'single_token_ids', 'next_token_logprobs', 'choice_logprobs', 'make_generator', 'run_generate']
 
 # %% ../nbs/40_generate.ipynb #0eb7bcaa
 @register_section("generate")
@@ -142,12 +143,54 @@ def _eos_ids(model, tok) -> list[int]:
         if tid is not None: ids.add(tid)
     return sorted(ids)
 
+def _vllm_env() -> tuple[bool, bool]:
+    "(vLLM importable, CUDA available): what the backend choice reads from the machine."
+    import importlib.util, torch
+    return importlib.util.find_spec("vllm") is not None, torch.cuda.is_available()
+
 def _vllm_usable(device: str = "auto") -> bool:
     import importlib.util
     if importlib.util.find_spec("vllm") is None or device == "cpu": return False
     with contextlib.suppress(Exception):
         import torch; return torch.cuda.is_available()
     return False
+
+# %% ../nbs/40_generate.ipynb #40e95713
+VLLM_NO_LORA = {"gpt2"}   # model_type of architectures vLLM serves without LoRA (GPT2LMHeadModel: no LoRA column)
+
+def choose_backend(requested: str, device: str, vllm_installed: bool, cuda: bool, model_type: str | None,
+                   has_adapter: bool) -> tuple[str, str]:
+    "(backend for a local model, why it differs from the request or ''): see above."
+    if requested not in ("auto", "vllm"): return requested, ""
+    no_lora = has_adapter and model_type in VLLM_NO_LORA
+    if requested == "vllm" and not (vllm_installed and cuda and device != "cpu"):
+        raise ValueError(f"generate.backend=vllm needs vLLM installed and a CUDA device (installed: {vllm_installed}, "
+                         f"CUDA: {cuda}, device: {device}); use backend auto or hf")
+    if no_lora: return "hf", f"vLLM has no LoRA support for {model_type}: the adapter is run by the HF backend"
+    if requested == "auto" and not (vllm_installed and cuda and device != "cpu"): return "hf", ""
+    return "vllm", ""
+
+# %% ../nbs/40_generate.ipynb #748db1a0
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+def vllm_engine_args(path: str, dtype: str = "auto", context: int | None = None, lora_rank: int | None = None,
+                     seed: int = 0, engines: int = 1) -> dict:
+    """Keyword arguments of `vllm.LLM` for model folder `path` (+ a LoRA adapter of rank `lora_rank`); `engines`
+    stage runs sharing the GPU (`compute.parallel_stages`) split its memory (`gpu_memory_utilization`)."""
+    kw = dict(model=str(path), dtype=dtype, seed=seed, enable_lora=lora_rank is not None,
+              gpu_memory_utilization=0.9 if engines <= 1 else round(0.85 / engines, 3))
+    if context: kw["max_model_len"] = int(context)
+    if lora_rank is not None:
+        fit = [r for r in VLLM_LORA_RANKS if r >= lora_rank]
+        if not fit: raise ValueError(f"LoRA rank {lora_rank} exceeds vLLM's largest max_lora_rank ({VLLM_LORA_RANKS[-1]})")
+        kw["max_lora_rank"] = fit[0]
+    return kw
+
+def adapter_rank(adapter, default: int | None = None) -> int | None:
+    "The LoRA rank `r` of a peft adapter folder (its `adapter_config.json`), else `default`; None without an adapter."
+    if not adapter: return None
+    f = Path(adapter) / "adapter_config.json"
+    return int(json.loads(f.read_text()).get("r", default)) if f.exists() else default
 
 # %% ../nbs/40_generate.ipynb #b30cb179
 class Generator:
@@ -156,14 +199,22 @@ class Generator:
     def __init__(self, spec: str | None = None, adapter: str | None = None, backend: str = "auto",
                  chat_template: str | None = None, dtype: str = "auto", device: str = "auto",
                  quantization: str = "none", client=None, model_name: str | None = None,
-                 max_prompt_tokens: int = 4096):
+                 max_prompt_tokens: int = 4096, lora_r: int | None = None, engines: int = 1):
         self.spec, self.adapter, self.chat_template = spec, adapter, chat_template
         self.client, self.model_name, self.max_prompt_tokens = client, model_name or spec, max_prompt_tokens
-        if backend == "auto": backend = "openai" if client is not None else ("vllm" if _vllm_usable(device) else "hf")
+        if backend == "auto" and client is not None: backend = "openai"
+        if backend in ("auto", "vllm"):
+            from imitation_nb.models import model_type
+            backend, why = choose_backend(backend, device, *_vllm_env(), model_type(spec), bool(adapter))
+            if why: warnings.warn(why)
+        self.lora_r, self.engines = adapter_rank(adapter, lora_r), engines
         self.backend = backend
-        self.model = self.tok = self.llm = None
-        if backend == "hf": self.model, self.tok = load_lm(spec, adapter, dtype, device, quantization)
-        elif backend == "vllm": self._init_vllm(dtype)
+        self.model = self.tok = self.llm = self.context = None     # context: the model's positions (None: unknown / API)
+        if backend == "hf":
+            from imitation_nb.models import context_length
+            self.model, self.tok = load_lm(spec, adapter, dtype, device, quantization)
+            self.context = context_length(self.model.config)
+        elif backend == "vllm": self._init_vllm(dtype, device)
         elif backend == "openai":
             if client is None: raise ValueError("backend 'openai' needs a client (imitation_nb.teacher.ChatClient)")
         else: raise ValueError(f"unknown backend {backend!r} (hf | vllm | openai | auto)")
@@ -183,6 +234,10 @@ class Generator:
         item, in input order: {id, prompt, output, n_prompt_tokens, n_new_tokens, finish_reason}.
         `on_batch(records)` is called after each finished batch (used for resumable writing)."""
         if not items: return []
+        from imitation_nb.models import generation_lengths
+        # prompt + new tokens must fit the model's context: both capped (with a warning) when they do not
+        self.prompt_cap, max_new_tokens = generation_lengths(self.context, self.max_prompt_tokens, max_new_tokens,
+                                                             str(self.spec))
         fn = getattr(self, f"_gen_{self.backend}")       # _gen_hf, _gen_vllm, _gen_openai (below)
         return fn(items, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=list(stop or []),
                   batch_size=batch_size, seed=seed, chat=chat, progress=progress, on_batch=on_batch)
@@ -192,34 +247,35 @@ class Generator:
         for i, it in enumerate(items):
             text, special = self.render(it, chat)
             ids = self.tok(text, add_special_tokens=special).input_ids
-            if len(ids) > self.max_prompt_tokens: ids = ids[-self.max_prompt_tokens:]
+            cap = getattr(self, "prompt_cap", None) or self.max_prompt_tokens
+            if len(ids) > cap: ids = ids[-cap:]            # the start goes: the instruction end is kept
             enc.append((i, text, ids))
         return enc
 
 # %% ../nbs/40_generate.ipynb #cbdb0202
 @patch
-def _init_vllm(self: Generator, dtype):
+def _init_vllm(self: Generator, dtype, device="auto"):
     from vllm import LLM
-    try:
-        from imitation_nb.models import prepare_model
-        path = str(prepare_model(self.spec))
-    except ImportError: path = self.spec
-    self.llm = LLM(model=path, dtype="auto" if dtype == "auto" else dtype, enable_lora=bool(self.adapter),
-                   max_lora_rank=64 if self.adapter else 16)
+    from imitation_nb.models import prepare_model, model_context_length
+    path = str(prepare_model(self.spec))
+    self.context = model_context_length(path)
+    self.llm = LLM(**vllm_engine_args(path, dtype, self.context, self.lora_r, engines=self.engines))
     self.tok = self.llm.get_tokenizer()
+
+@patch
+def _vllm_lora(self: Generator):
+    if not self.adapter: return None
+    from vllm.lora.request import LoRARequest
+    return LoRARequest("adapter", 1, str(self.adapter))
 
 @patch
 def _gen_vllm(self: Generator, items, max_new_tokens, temperature, top_p, stop, batch_size, seed, chat, progress, on_batch):
     from vllm import SamplingParams
-    lora = None
-    if self.adapter:
-        from vllm.lora.request import LoRARequest
-        lora = LoRARequest("adapter", 1, str(self.adapter))
     sp = SamplingParams(temperature=temperature or 0.0, top_p=top_p if temperature else 1.0,
                         max_tokens=max_new_tokens, stop=stop or None, seed=seed)
     enc = self._encode(items, chat)
     prompts = [{"prompt_token_ids": ids} for _, _, ids in enc]
-    res = self.llm.generate(prompts, sp, lora_request=lora, use_tqdm=progress)
+    res = self.llm.generate(prompts, sp, lora_request=self._vllm_lora(), use_tqdm=progress)
     out = []
     for (i, text, ids), r in zip(enc, res):
         o = r.outputs[0]
@@ -386,6 +442,16 @@ def _shared_prefix_logprobs(model, tok, enc, idx, cand, max_batch, on_batch, out
             if on_batch: on_batch(b, lp)
             bar.update(n)
 
+# %% ../nbs/40_generate.ipynb #01d3f93f
+def _fit_context(model, enc: list[list[int]]) -> list[list[int]]:
+    "Token lists cut from the left to the model's context (`models.context_length`), with a warning when any is."
+    from imitation_nb.models import context_length, cap_length
+    ctx = context_length(model.config)
+    long = [len(e) for e in enc if ctx and len(e) > ctx]
+    if not long: return enc
+    cap_length(max(long), ctx, f"prompt length ({len(long)} of {len(enc)} prompts lose their start)")
+    return [e[-ctx:] for e in enc]
+
 # %% ../nbs/40_generate.ipynb #228f52c3
 def next_token_logprobs(model, tok, prompts: list[str], token_ids: list[int], max_batch_tokens: int = 8192,
                         max_batch: int = 16, add_special_tokens: bool = True, progress: bool = False,
@@ -397,7 +463,7 @@ def next_token_logprobs(model, tok, prompts: list[str], token_ids: list[int], ma
     log-probs up to float rounding, sliding-window models such as Gemma 3 included)."""
     import numpy as np, torch
     from tqdm.auto import tqdm
-    enc = [tok(p, add_special_tokens=add_special_tokens).input_ids for p in prompts]
+    enc = _fit_context(model, [tok(p, add_special_tokens=add_special_tokens).input_ids for p in prompts])
     out = np.zeros((len(prompts), len(token_ids)), dtype=np.float64)
     dev = next(model.parameters()).device
     cand = torch.tensor(token_ids, device=dev)
@@ -422,6 +488,28 @@ def next_token_logprobs(model, tok, prompts: list[str], token_ids: list[int], ma
     bar.close()
     return out
 
+# %% ../nbs/40_generate.ipynb #96debead
+@patch
+def score_next_tokens(self: Generator, prompts: list[str], token_ids: list[int], on_batch=None, groups=None,
+                      max_batch_tokens: int = 8192, max_batch: int = 16, progress: bool = False):
+    "`next_token_logprobs` of `prompts` for this subject: HF forward passes, or vLLM prompt log-probs (see above)."
+    if self.backend == "hf":
+        return next_token_logprobs(self.model, self.tok, prompts, token_ids, max_batch_tokens=max_batch_tokens,
+                                   max_batch=max_batch, progress=progress, on_batch=on_batch, groups=groups)
+    if self.backend != "vllm": raise ValueError(f"backend {self.backend!r} gives no log-probabilities (hf | vllm)")
+    import numpy as np
+    from vllm import SamplingParams
+    enc = [self.tok(p).input_ids for p in prompts]
+    if self.context: enc = _fit_context(SimpleNamespace(config=SimpleNamespace(max_position_embeddings=self.context - 1)), enc)
+    reqs = [{"prompt_token_ids": e + [t]} for e in enc for t in token_ids]
+    res = self.llm.generate(reqs, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0),
+                            lora_request=self._vllm_lora(), use_tqdm=progress)
+    k = len(token_ids)
+    out = np.array([[res[i * k + j].prompt_logprobs[-1][t].logprob for j, t in enumerate(token_ids)]
+                    for i in range(len(enc))], dtype=np.float64)
+    if on_batch: on_batch(list(range(len(enc))), out)
+    return out
+
 # %% ../nbs/40_generate.ipynb #75fde277
 def choice_logprobs(model, tok, prompt: str, choices: list[str], add_special_tokens: bool = True) -> list[float]:
     "Sum of log-probabilities of each continuation in `choices` after `prompt` (one batched forward)."
@@ -438,6 +526,11 @@ def choice_logprobs(model, tok, prompt: str, choices: list[str], add_special_tok
     return out
 
 # %% ../nbs/40_generate.ipynb #0215127c
+def _profile_lora_r(prof) -> int | None:
+    "The profile's `finetune.lora_r` (vLLM's LoRA rank when an adapter folder does not say), None if it has none."
+    from imitation_nb.core import section_schema
+    return prof.section("finetune").lora_r if section_schema("finetune") is not None else None
+
 def make_generator(prof, subject: dict, cfg: GenerateConfig | None = None) -> Generator:
     "The Generator for an evaluation `subject` of profile `prof` (a local base + adapter, or the teacher)."
     cfg = cfg or prof.section("generate")
@@ -451,7 +544,8 @@ def make_generator(prof, subject: dict, cfg: GenerateConfig | None = None) -> Ge
     m = prof.models[subject["model"]]
     return Generator(m.spec, adapter=subject.get("adapter"), backend=cfg.backend, chat_template=m.chat_template,
                      dtype=cfg.dtype, device=prof.compute.device if cfg.device == "auto" else cfg.device,
-                     quantization=cfg.quantization, max_prompt_tokens=cfg.max_prompt_tokens)
+                     quantization=cfg.quantization, max_prompt_tokens=cfg.max_prompt_tokens, lora_r=_profile_lora_r(prof),
+                     engines=max(1, prof.compute.parallel_stages))
 
 # %% ../nbs/40_generate.ipynb #bfeed1bd
 def run_generate(profile: str, run_dir=None, subject: dict | None = None, prompts_file=None,

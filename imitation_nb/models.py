@@ -15,7 +15,8 @@ from .core import cache_dir, atomic_write_json, file_sha256, now_iso, package_ve
 
 # %% auto #0
 __all__ = ['EMBEDDED', 'PPL_TEXT', 'Embedded', 'locate_gguf', 'model_cache', 'prepare_model', 'resolve_device', 'resolve_dtype',
-           'load_tokenizer', 'quantization_config', 'no_cpu_repacking', 'load_model', 'model_info', 'perplexity',
+           'load_tokenizer', 'quantization_config', 'no_cpu_repacking', 'load_model', 'model_info', 'LengthCapWarning',
+           'context_length', 'model_context_length', 'model_type', 'cap_length', 'generation_lengths', 'perplexity',
            'shuffled', 'tiny_random_model', 'models_cli']
 
 # %% ../nbs/01_models.ipynb #8a8d045a
@@ -144,13 +145,16 @@ def load_tokenizer(spec: str, padding_side: str = "right", revision: str | None 
     return tok
 
 # %% ../nbs/01_models.ipynb #1e19855c
-def quantization_config(quantization: str, compute_dtype):
-    "BitsAndBytesConfig for `nf4` (QLoRA: 4-bit NormalFloat + double quantization) or `int8`; None for `none`."
+def quantization_config(quantization: str, compute_dtype, quant_storage=None):
+    """BitsAndBytesConfig for `nf4` (QLoRA: 4-bit NormalFloat + double quantization) or `int8`; None for `none`.
+    `quant_storage` (FSDP + QLoRA, peft's recipe): the dtype the packed 4-bit weights are stored in, so that FSDP can
+    flatten and shard them with the other parameters (the compute dtype, e.g. bfloat16)."""
     if quantization in (None, "none"): return None
     from transformers import BitsAndBytesConfig
     if quantization == "nf4":
+        kw = {"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype)
+                                  bnb_4bit_compute_dtype=compute_dtype, **kw)
     if quantization == "int8": return BitsAndBytesConfig(load_in_8bit=True)
     raise ValueError(f"quantization must be none | nf4 | int8, got {quantization!r}")
 
@@ -169,7 +173,8 @@ def no_cpu_repacking(model) -> int:
 # %% ../nbs/01_models.ipynb #bc810467
 def load_model(spec: str, quantization: str = "none", dtype: str = "auto", device: str = "auto",
                adapter: str | None = None, for_training: bool = False, revision: str | None = None,
-               attn_implementation: str | None = None, device_map=None, merge_adapter: bool = True):
+               attn_implementation: str | None = None, device_map=None, merge_adapter: bool = True,
+               quant_storage=None):
     """A causal LM for `spec` (+ an optional peft LoRA adapter): full precision, or 4-bit NF4 / 8-bit through
     bitsandbytes. The same call serves CPU and GPU; multi-GPU placement goes through `device_map` or accelerate.
     For inference on a full-precision base the adapter is merged into the weights (`merge_adapter`; logits
@@ -181,9 +186,10 @@ def load_model(spec: str, quantization: str = "none", dtype: str = "auto", devic
     dt = resolve_dtype(dtype, dev)
     kw = dict(dtype=dt, revision=revision)
     if attn_implementation: kw["attn_implementation"] = attn_implementation
-    qc = quantization_config(quantization, dt)
+    qc = quantization_config(quantization, dt, quant_storage)
     if qc is not None: kw["quantization_config"] = qc
-    if device_map is not None: kw["device_map"] = device_map
+    if device_map == "none": pass               # FSDP: no placement at load (accelerate shards the model)
+    elif device_map is not None: kw["device_map"] = device_map
     elif qc is not None or dev != "cpu": kw["device_map"] = {"": dev if dev != "cuda" else 0}
     model = AutoModelForCausalLM.from_pretrained(prepare_model(spec), **kw)
     if qc is not None: no_cpu_repacking(model)
@@ -209,6 +215,53 @@ def model_info(spec: str, adapter: str | None = None) -> dict:
         info["adapter"] = str(ap)
         info["adapter_sha256"] = {p.name: file_sha256(p) for p in sorted(ap.glob("*.safetensors"))}
     return info
+
+# %% ../nbs/01_models.ipynb #830d49cb
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+class LengthCapWarning(UserWarning):
+    "A requested length (block, prompt, new tokens) was cut to the model's context."
+
+def context_length(config) -> int | None:
+    "Positions the model attends over, from its (text) config: `max_position_embeddings` / `n_positions` / ...; None if unstated."
+    if hasattr(config, "get_text_config"): config = config.get_text_config()
+    for k in _CONTEXT_KEYS:
+        v = getattr(config, k, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0: return v
+    return None
+
+# %% ../nbs/01_models.ipynb #d0d6cb4d
+def model_context_length(spec) -> int | None:
+    "`context_length` of `spec`'s config (a folder, an embedded model or a cached hub id), None when it cannot be read."
+    from transformers import AutoConfig
+    try: return context_length(AutoConfig.from_pretrained(prepare_model(spec, progress=False)))
+    except (OSError, ValueError): return None
+
+def model_type(spec) -> str | None:
+    "The `model_type` of `spec`'s config (`gpt2`, `llama`, `qwen3`, ...), None when it cannot be read."
+    from transformers import AutoConfig
+    try: return AutoConfig.from_pretrained(prepare_model(spec, progress=False)).model_type
+    except (OSError, ValueError): return None
+
+# %% ../nbs/01_models.ipynb #90e80537
+def cap_length(requested: int | None, context: int | None, what: str, model: str = "the model") -> int | None:
+    "`requested`, or `context` when the request exceeds it (warning `LengthCapWarning` naming `what`, `model` and the cap)."
+    if requested is None or context is None or requested <= context: return requested
+    warnings.warn(f"{what}={requested} exceeds the context of {model} ({context} tokens): capped to {context}",
+                  LengthCapWarning, stacklevel=2)
+    return context
+
+# %% ../nbs/01_models.ipynb #0fcda5d8
+def generation_lengths(context: int | None, max_prompt_tokens: int, max_new_tokens: int,
+                       model: str = "the model") -> tuple[int, int]:
+    "(prompt tokens, new tokens) that fit `context` together (see above); unchanged when `context` is None or they fit."
+    if context is None or max_prompt_tokens + max_new_tokens <= context: return max_prompt_tokens, max_new_tokens
+    new = cap_length(max_new_tokens, max(1, context // 2), "max_new_tokens (with room for the prompt)", model)
+    room = context - new
+    if max_prompt_tokens > room:
+        warnings.warn(f"max_prompt_tokens={max_prompt_tokens} + max_new_tokens={new} exceed the context of {model} "
+                      f"({context} tokens): prompts capped to {room} tokens", LengthCapWarning, stacklevel=2)
+    return min(max_prompt_tokens, room), new
 
 # %% ../nbs/01_models.ipynb #3104bed4
 PPL_TEXT = ("The history of science is the study of the development of science and scientific knowledge, "

@@ -78,8 +78,11 @@ class LocalChatModel:
         import torch
         stop = [stop] if isinstance(stop, str) else list(stop or [])
         prompt = render_prompt(self.tokenizer, messages, self.chat_template)
+        from imitation_nb.models import context_length, generation_lengths
         enc = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-        ids = enc.input_ids.to(self.model.device); attn = enc.attention_mask.to(self.model.device)
+        ctx = context_length(self.model.config)     # prompt + new tokens within the model's context (warned when cut)
+        keep, max_tokens = generation_lengths(ctx, enc.input_ids.shape[1], max_tokens, str(self.spec))
+        ids = enc.input_ids[:, -keep:].to(self.model.device); attn = enc.attention_mask[:, -keep:].to(self.model.device)
         sample = temperature is not None and temperature > 0
         kw = dict(max_new_tokens=max_tokens, do_sample=sample, num_return_sequences=n,
                   pad_token_id=self.tokenizer.pad_token_id, eos_token_id=sorted(self.eos_ids) or None)

@@ -162,7 +162,7 @@ def _text_edit(tmp_path, old, new, name="bad.yaml"):
     (("seed: 0", "sed: 0"), "unknown key 'sed' (did you mean 'seed'?)"),
     (("params_b: 0.135", "params_b: small"), "key 'models.smollm2-135m.params_b': expected a number"),
     (("  k: 2\n", "  k: [2\n  max_new_tokens: 12\n"), "not valid YAML"),
-    (None, "profile not found (known profiles: mini, modern, paper, smoke)"),
+    (None, "profile not found (known profiles: gpu-smoke, mini, modern, paper, smoke)"),
     (("  chunk_tokens: 1024", "  block_size: 1024"), "key 'mixtures.block_size' was renamed to 'mixtures.chunk_tokens' "
                                                      "(it chunks conversations; finetune.block_size packs them)"),
 ])
