@@ -28,7 +28,7 @@ __all__ = ['KINDS', 'KIND_DEFAULTS', 'MANAGED_OPTIONS', 'TIME_RE', 'MEM_RE', 'AS
 class SlurmResources:
     "What one job asks for; a field left out (None) is inherited from the stage kind, then from the defaults."
     partition: str | None = None  # overrides the section's partition (e.g. a CPU partition for data stages)
-    gpus: int | None = None       # GPUs of the job (--gres=gpu[:type]:N); fine-tuning with N > 1 runs `accelerate launch`
+    gpus: int | None = None       # GPUs of the job (--gres=gpu[:type]:N); fine-tuning: compute.num_gpus (the stage launches them)
     gpu_type: str | None = None   # e.g. a100 -> --gres=gpu:a100:N
     cpus: int | None = None       # --cpus-per-task
     mem: str | None = None        # --mem, e.g. 64G
@@ -46,7 +46,6 @@ class SlurmConfig:
     setup: list[str] = field(default_factory=list)   # shell lines run first in every job (module load, activate, export)
     extra: list[str] = field(default_factory=list)   # sbatch options for every job, e.g. ["--qos=normal", "--constraint=a100"]
     job_name: str = "imnb"        # job names: <job_name>-<profile>-<stage>-<run hash>
-    accelerate_config: str = "configs/accelerate/ddp.yaml"   # multi-GPU fine-tuning (relative to the project root)
     resources: dict[str, SlurmResources] = field(default_factory=dict)   # per stage kind: data | train | eval | draw
     stages: dict[str, SlurmResources] = field(default_factory=dict)      # per stage, over its kind's
 
@@ -124,22 +123,18 @@ def resources(prof: Profile, cfg: SlurmConfig, stage: str) -> dict:
             if v is None: continue
             if k == "extra": out["extra"] += v
             else: out[k] = v
+    if kind == "train" and out["gpus"] != g:
+        raise UserError(f"{prof.file}: key 'slurm' asks for {out['gpus']} GPU(s) for the {stage} job, but compute.num_gpus is {g}: "
+                        f"the fine-tuning stage launches compute.num_gpus processes itself (30_finetune) — set compute.num_gpus")
     return out
 
 # %% ../nbs/93_slurm.ipynb #4396f99d
 JOB_CODE = "import sys; from imitation_nb.slurm import run_job; sys.exit(run_job(sys.argv[1]))"
 
 def job_command(sp: R.StagePlan, res: dict, cfg: SlurmConfig, python: str | None = None) -> str:
-    "The shell command a stage run's job executes (under `accelerate launch` for multi-GPU fine-tuning)."
+    "The shell command a stage run's job executes (multi-GPU fine-tuning launches its processes inside the stage)."
     py = python or cfg.python or sys.executable
-    run = [py, "-c", JOB_CODE, str(sp.run_dir / "slurm_stage.json")]
-    if STAGES[sp.stage].kind != "train" or res["gpus"] <= 1: return " ".join(shlex.quote(a) for a in run)
-    acc = Path(cfg.accelerate_config)
-    acc = acc if acc.is_absolute() else project_root() / acc
-    launch = [py, "-m", "accelerate.commands.launch", "--config_file", str(acc), "--num_machines", "1",
-              "--num_processes", str(res["gpus"])]
-    return (" ".join(shlex.quote(a) for a in launch) + ' --main_process_port "$((29500 + SLURM_JOB_ID % 20000))"'
-            + " --no_python " + " ".join(shlex.quote(a) for a in run))
+    return " ".join(shlex.quote(a) for a in [py, "-c", JOB_CODE, str(sp.run_dir / "slurm_stage.json")])
 
 # %% ../nbs/93_slurm.ipynb #e0e91603
 def sbatch_options(sp: R.StagePlan, res: dict, cfg: SlurmConfig, prof_name: str, deps: list[str]) -> list[str]:
@@ -188,13 +183,10 @@ def _adopt_settings(sp: R.StagePlan):
 def run_job(spec_path) -> int:
     "A SLURM job's entry point: execute the stage run in `spec_path` as the local driver does. Exit status 0 = done."
     sp = stage_from_spec(json.loads(Path(spec_path).read_text()))
-    rank = int(os.environ.get("RANK", "0"))
     try:
-        if rank == 0:
-            R.write_profile_snapshot(sp); _adopt_settings(sp)
-            r = R.execute(sp)
-            print(f"imitation_nb: {sp.key} done in {r['seconds']:.0f} s ({sp.run_dir})", flush=True)
-        else: entry_point(sp.stage)(**{**sp.params, "run_dir": str(sp.run_dir)})
+        R.write_profile_snapshot(sp); _adopt_settings(sp)
+        r = R.execute(sp)
+        print(f"imitation_nb: {sp.key} done in {r['seconds']:.0f} s ({sp.run_dir})", flush=True)
     except R.StageFailed as e:
         print(f"imitation_nb: FAILED {e}", file=sys.stderr, flush=True)
         return 1

@@ -191,20 +191,21 @@ def test_paper_dry_run_prints_every_sbatch_script_with_resources_and_symbolic_de
     assert not list(tmp_path.iterdir())              # a dry run writes nothing
 
 
-def test_multi_gpu_finetuning_job_runs_under_accelerate_launch(tmp_path):
-    prof = core.load_profile("paper", overrides={"slurm": {"resources": {"train": {"gpus": 4, "gpu_type": "a100"}},
-                                                          "accelerate_config": "configs/accelerate/fsdp_qlora.yaml"}})
+def test_multi_gpu_finetuning_job_asks_for_the_gpus_the_stage_launches(tmp_path):
+    """A fine-tuning job asks for compute.num_gpus GPUs and runs the stage in one process: the stage launches its
+    training processes itself (30_finetune.launch_finetune), so the job must not wrap it in a second launcher."""
+    prof = core.load_profile("paper", overrides={"compute": {"num_gpus": 4}, "slurm": {"resources": {"train": {"gpu_type": "a100"}}}})
     cfg = S.slurm_config(prof)
     ft = next(sp for sp in R.plan(prof, root=tmp_path) if sp.stage == "finetune")
     script = S.job_script(ft, S.resources(prof, cfg, "finetune"), cfg, "paper", ["17"])
     assert "#SBATCH --gres=gpu:a100:4\n" in script and "#SBATCH --dependency=afterok:17\n" in script
     cmd = script.splitlines()[-1]
-    acc = ROOT / "configs" / "accelerate" / "fsdp_qlora.yaml"
-    assert acc.exists() and f"-m accelerate.commands.launch --config_file {acc} --num_machines 1 --num_processes 4 " in cmd
-    assert '--main_process_port "$((29500 + SLURM_JOB_ID % 20000))" --no_python ' in cmd
-    assert cmd.endswith(f"-c '{S.JOB_CODE}' {ft.run_dir / 'slurm_stage.json'}")
-    gen = next(sp for sp in R.plan(prof, root=tmp_path) if sp.stage == "generate")      # evaluations: one GPU, no launcher
-    assert "accelerate" not in S.job_script(gen, S.resources(prof, cfg, "generate"), cfg, "paper", [])
+    assert "accelerate" not in cmd and cmd.endswith(f"-c '{S.JOB_CODE}' {ft.run_dir / 'slurm_stage.json'}")
+    gen = next(sp for sp in R.plan(prof, root=tmp_path) if sp.stage == "generate")      # evaluations: one GPU
+    assert "#SBATCH --gres=gpu:1\n" in S.job_script(gen, S.resources(prof, cfg, "generate"), cfg, "paper", [])
+    bad = core.load_profile("paper", overrides={"slurm": {"resources": {"train": {"gpus": 4}}}})   # compute.num_gpus = 1
+    with pytest.raises(core.UserError, match="compute.num_gpus is 1"):
+        S.resources(bad, S.slurm_config(bad), "finetune")
 
 
 def test_an_unknown_executor_is_a_user_error_before_planning(tmp_path):
