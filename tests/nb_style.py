@@ -8,7 +8,8 @@ NOTEBOOK: a notebook's name (`40_generate`, `40_generate.ipynb`) or path; defaul
 misses a target, which one and by how much, and exits 1 if any does (0 otherwise): usable as a CI step, on every
 notebook or on the ones a change touched. A name that is not a notebook exits 2.
 
-Targets: median code-cell length <= 10 lines and >= 50 % of export cells followed by a test.
+Targets: median code-cell length <= 10 lines, >= 50 % of export cells followed by a test, and no markdown cell longer
+than 600 words (longer explanations and measurements go to `docs/`, with a short summary in the notebook).
 Counted code cells: every code cell except the `#| default_exp` line, `#| hide` cells (imports, `nbdev_export()`) and
 the papermill `parameters` cell; a cell's length is its number of non-blank lines. An export cell (`#| export`,
 `#| exporti`, `#| exports`) counts as *followed by a test* when the next code cell (markdown between them is fine; a
@@ -18,7 +19,7 @@ import json, re, statistics, sys
 from pathlib import Path
 
 NBS = Path(__file__).resolve().parents[1] / "nbs"
-MAX_MEDIAN, MIN_TESTED = 10, 0.5
+MAX_MEDIAN, MIN_TESTED, MAX_WORDS = 10, 0.5, 600
 _TEST = re.compile(r"\b(test_eq|test_fail|test_close|test_ne|test_is|test_stdout|test_warns)\(|^\s*assert\b", re.M)
 _EXPORT = {"export", "exporti", "exports"}
 
@@ -37,6 +38,7 @@ def notebook_style(path: Path) -> dict:
     nb = json.loads(Path(path).read_text())
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     counted, exports, tested = [], 0, 0
+    prose = [len("".join(c["source"]).split()) for c in nb["cells"] if c["cell_type"] == "markdown"]
     for i, c in enumerate(code):
         src = "".join(c["source"]); d = _directives(src)
         if "parameters" in c.get("metadata", {}).get("tags", []) or d & {"default_exp", "hide"}: continue
@@ -49,15 +51,17 @@ def notebook_style(path: Path) -> dict:
                 ns = "".join(nxt["source"])
                 if not (_directives(ns) & _EXPORT) and _TEST.search(ns): tested += 1
     return {"notebook": Path(path).name, "code_cells": len(counted), "median_lines": statistics.median(counted) if counted else 0,
-            "exports": exports, "exports_tested": tested, "tested_share": tested / exports if exports else 1.0}
+            "exports": exports, "exports_tested": tested, "tested_share": tested / exports if exports else 1.0,
+            "longest_markdown": max(prose, default=0)}
 
 
 def misses(row: dict) -> list[str]:
-    "The targets `row` misses, each with its value (empty: the notebook meets both)."
+    "The targets `row` misses, each with its value (empty: the notebook meets them all)."
     out = []
     if row["median_lines"] > MAX_MEDIAN: out.append(f"median code cell {row['median_lines']:g} lines > {MAX_MEDIAN}")
     if row["tested_share"] < MIN_TESTED:
         out.append(f"{row['exports_tested']} of {row['exports']} exports followed by a test ({row['tested_share']:.0%} < {MIN_TESTED:.0%})")
+    if row["longest_markdown"] > MAX_WORDS: out.append(f"a markdown cell of {row['longest_markdown']} words > {MAX_WORDS}")
     return out
 
 
@@ -78,14 +82,14 @@ def table(rows: list[dict], markdown: bool = False) -> str:
     "The measures as a text or Markdown table, with whether each notebook meets the targets."
     ok = lambda r: "yes" if not misses(r) else "no"
     if markdown:
-        lines = ["| notebook | code cells | median lines | exports | followed by a test | share | meets targets |",
-                 "|---|---:|---:|---:|---:|---:|---|"]
+        lines = ["| notebook | code cells | median lines | exports | followed by a test | share | longest markdown (words) | meets targets |",
+                 "|---|---:|---:|---:|---:|---:|---:|---|"]
         lines += [f"| {r['notebook']} | {r['code_cells']} | {r['median_lines']:g} | {r['exports']} | {r['exports_tested']} | "
-                  f"{r['tested_share']:.0%} | {ok(r)} |" for r in rows]
+                  f"{r['tested_share']:.0%} | {r['longest_markdown']} | {ok(r)} |" for r in rows]
     else:
-        lines = [f"{'notebook':<28}{'cells':>6}{'median':>8}{'exports':>9}{'tested':>8}{'share':>7}{'ok':>5}"]
+        lines = [f"{'notebook':<28}{'cells':>6}{'median':>8}{'exports':>9}{'tested':>8}{'share':>7}{'words':>7}{'ok':>5}"]
         lines += [f"{r['notebook']:<28}{r['code_cells']:>6}{r['median_lines']:>8g}{r['exports']:>9}{r['exports_tested']:>8}"
-                  f"{r['tested_share']:>7.0%}{ok(r):>5}" for r in rows]
+                  f"{r['tested_share']:>7.0%}{r['longest_markdown']:>7}{ok(r):>5}" for r in rows]
     return "\n".join(lines)
 
 

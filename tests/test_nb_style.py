@@ -33,6 +33,14 @@ def test_measures_of_a_hand_made_notebook(tmp_path):
     assert S.misses(r) == ["2 of 5 exports followed by a test (40% < 50%)"]
 
 
+def test_a_markdown_cell_over_600_words_is_a_miss(tmp_path):
+    "Long prose belongs in docs/ with a summary in the notebook: a 601-word cell misses, a 600-word cell does not."
+    ok = S.notebook_style(_nb(tmp_path / "04_ok.ipynb", [("md", " ".join(["word"] * 600)), ("code", "x = 1")]))
+    long = S.notebook_style(_nb(tmp_path / "05_long.ipynb", [("md", " ".join(["word"] * 601)), ("code", "x = 1")]))
+    assert (ok["longest_markdown"], S.misses(ok)) == (600, [])
+    assert S.misses(long) == ["a markdown cell of 601 words > 600"]
+
+
 def test_check_exits_1_naming_what_a_notebook_misses(tmp_path, capsys):
     longer = _nb(tmp_path / "03_longer.ipynb", [("code", "#| export\n" + "\n".join(f"x{i} = {i}" for i in range(20)))])
     assert S.main(["--check", str(longer)]) == 1
@@ -46,7 +54,7 @@ def test_check_passes_and_markdown_table(tmp_path, capsys):
     assert S.main(["--check", "--markdown", str(good)]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("| notebook | code cells | median lines |")
-    assert "| 04_good.ipynb | 2 | 1.5 | 1 | 1 | 100% | yes |" in out
+    assert "| 04_good.ipynb | 2 | 1.5 | 1 | 1 | 100% | 0 | yes |" in out
 
 
 def test_unknown_notebook_or_option_exits_2(capsys):
