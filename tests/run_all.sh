@@ -37,6 +37,6 @@ step "nbdev-test (every notebook with its default parameters)"
 nbdev-test --n-workers 2 --timing
 
 step "pytest tests/ (end to end, fault injection, security, CLI)"
-python -m pytest tests/ -q -p no:cacheprovider
+python -m pytest tests/ -q -p no:cacheprovider --durations=25
 
 step "all tests passed in $(( $(date +%s) - t0 )) s"
