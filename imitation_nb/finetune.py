@@ -486,7 +486,6 @@ def save_adapter(model, tokenizer, path, fsdp: bool = False, state_dict: dict | 
     if fsdp: dist.barrier()
     return path
 
-
 # %% ../nbs/30_finetune.ipynb #438cee37
 @functools.cache
 def _jsonl_log_cls():
@@ -827,7 +826,6 @@ def save_final_adapters(model, tokenizer, out_dir, full_labels=(), fsdp: bool = 
     for label in full_labels: save_adapter(model, tokenizer, out / "adapters" / label, fsdp, sd)
     return final
 
-
 # %% ../nbs/30_finetune.ipynb #f155b28a
 def budget_summary(groups: dict, plan: StepPlan, out_dir) -> dict:
     "Per nested budget: its conversations, the step after which it was saved, its trained tokens, its adapter."
@@ -870,7 +868,6 @@ def load_adapter_weights(model, adapter_dir) -> None:
     missing = sorted(set(saved) - {n.replace(tag, "") for n in sd})
     if missing: raise ValueError(f"{adapter_dir}: {len(missing)} adapter weight(s) match no trainable weight of the model, e.g. {missing[:3]}")
     set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=False))
-
 
 # %% ../nbs/30_finetune.ipynb #f133a0c2
 def score_budgets(model, tokenizer, held: HeldOut, groups: dict, cfg: FinetuneConfig, out_dir, template=None) -> dict:
@@ -1003,7 +1000,6 @@ def launch_command(n: int, device: str, script, port: int, accelerate_config=Non
                          "1.15 runs FSDP on accelerator devices only, and torch's FSDP1 refuses CPU; use ddp on CPU")
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr", "127.0.0.1",
             "--master_port", str(port), str(script)]
-
 
 # %% ../nbs/30_finetune.ipynb #b5a1e8d8
 def finetune_worker(args_file=None):
