@@ -461,8 +461,9 @@ def _make_trainer_cls():
 # %% ../nbs/30_finetune.ipynb #209ee854
 def gather_adapter_state(model) -> dict:
     """The trainable weights of `model` (the LoRA adapter; every weight of a full fine-tune), whole and on CPU, keyed as
-    in `model.state_dict()`: torch's `get_model_state_dict` (`full_state_dict`, `cpu_offload`, `ignore_frozen_params`),
-    which all-gathers FSDP1 and FSDP2 shards alike. Under FSDP every rank must call it; rank 0 gets the weights, the
+    in `model.state_dict()`, with the non-parameter entries of the state dict (buffers, 4-bit quantization constants,
+    a tied alias): torch's `get_model_state_dict` (`full_state_dict`, `cpu_offload`, `ignore_frozen_params`), which
+    all-gathers FSDP1 and FSDP2 shards alike. Under FSDP every rank must call it; rank 0 gets the weights, the
     others `{}`. On one process it copies the weights."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
