@@ -303,7 +303,8 @@ class ComputeConfig:
     accelerator: str = "cpu"         # name used in the dry-run cost plan, e.g. "A100-80GB"
     accelerator_tflops: float = 0.1  # sustained dense TFLOP/s assumed by the plan
     accelerator_memory_gb: float = 24.0
-    num_gpus: int = 0
+    num_gpus: int = 0                # >1: the finetune stage launches this many training processes
+    distributed: Literal["ddp", "fsdp"] = "ddp"   # strategy of those processes: DDP (a model copy each) | FSDP (sharded, peft's FSDP+QLoRA recipe)
     parallel_stages: int = 1         # independent stages run at once by `reproduce`
     torch_threads: int = 0           # 0 = torch default
 

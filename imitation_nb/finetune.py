@@ -18,13 +18,14 @@ from .sources import read_conversations, sharegpt_wheel
 from .train_kernels import PACKED_ATTENTION, register_packed_attention, use_fast_dropout, use_fused_lora
 
 # %% auto #0
-__all__ = ['FinetuneConfig', 'encode_conversations', 'MaskingAuditError', 'audit_masking', 'pack_blocks', 'unpacked_rows',
-           'BlockCollator', 'budget_label', 'budget_groups', 'heldout_loss', 'save_adapter', 'last_checkpoint',
-           'add_lora', 'choose_attention', 'dist_env', 'placement', 'build_model', 'start_run', 'fit_to_context',
-           'rows_per_step', 'make_rows', 'TrainData', 'prepare_data', 'cumulative_tokens', 'budget_steps', 'StepPlan',
-           'plan_steps', 'cut_warmup', 'HeldOut', 'score_base', 'training_arguments', 'train_precision', 'make_trainer',
-           'TrainRun', 'train_or_resume', 'save_final_adapters', 'budget_summary', 'run_summary', 'score_budgets',
-           'finetune', 'merge_adapter', 'heldout_rows', 'split_accumulation', 'launch_command', 'finetune_worker',
+__all__ = ['ACCELERATE_CONFIGS', 'FinetuneConfig', 'encode_conversations', 'MaskingAuditError', 'audit_masking', 'pack_blocks',
+           'unpacked_rows', 'BlockCollator', 'budget_label', 'budget_groups', 'heldout_loss', 'gather_adapter_state',
+           'save_adapter', 'last_checkpoint', 'add_lora', 'choose_attention', 'dist_env', 'placement', 'build_model',
+           'start_run', 'fit_to_context', 'rows_per_step', 'make_rows', 'TrainData', 'prepare_data',
+           'cumulative_tokens', 'budget_steps', 'StepPlan', 'plan_steps', 'cut_warmup', 'HeldOut', 'score_base',
+           'training_arguments', 'train_precision', 'make_trainer', 'TrainRun', 'train_or_resume',
+           'save_final_adapters', 'budget_summary', 'run_summary', 'load_adapter_weights', 'score_budgets', 'finetune',
+           'merge_adapter', 'heldout_rows', 'split_accumulation', 'launch_command', 'finetune_worker',
            'launch_finetune', 'run_finetune', 'finetune_cli']
 
 # %% ../nbs/30_finetune.ipynb #41855a7d
@@ -458,16 +459,32 @@ def _make_trainer_cls():
     return ImitationTrainer
 
 # %% ../nbs/30_finetune.ipynb #209ee854
-def save_adapter(model, tokenizer, path) -> Path:
-    "Save a peft adapter (or a full model) + tokenizer atomically: into a temp folder, then rename."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    m = model.module if hasattr(model, "module") else model
-    m.save_pretrained(tmp)
-    if tokenizer is not None: tokenizer.save_pretrained(tmp)
-    if path.exists(): shutil.rmtree(path)
-    os.replace(tmp, path)
+def gather_adapter_state(model) -> dict:
+    """The trainable weights of `model` (the LoRA adapter; every weight of a full fine-tune), whole and on CPU, keyed as
+    in `model.state_dict()`, with the non-parameter entries of the state dict (buffers, 4-bit quantization constants,
+    a tied alias): torch's `get_model_state_dict` (`full_state_dict`, `cpu_offload`, `ignore_frozen_params`), which
+    all-gathers FSDP1 and FSDP2 shards alike. Under FSDP every rank must call it; rank 0 gets the weights, the
+    others `{}`. On one process it copies the weights."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+
+def save_adapter(model, tokenizer, path, fsdp: bool = False, state_dict: dict | None = None) -> Path:
+    """Save a peft adapter (or a full model) + tokenizer atomically: into a temp folder, then rename. With `fsdp`
+    every rank calls it: the shards are gathered (`gather_adapter_state`, unless `state_dict` has them), rank 0
+    writes a normal adapter folder, and every rank waits until it is there."""
+    import torch.distributed as dist
+    path = Path(path)
+    if fsdp and state_dict is None: state_dict = gather_adapter_state(model)
+    if not fsdp or dist.get_rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        m = model.module if hasattr(model, "module") else model      # DDP / FSDP1 wrap it; FSDP2 shards it in place
+        m.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
+        if tokenizer is not None: tokenizer.save_pretrained(tmp)
+        if path.exists(): shutil.rmtree(path)
+        os.replace(tmp, path)
+    if fsdp: dist.barrier()
     return path
 
 # %% ../nbs/30_finetune.ipynb #438cee37
@@ -500,22 +517,23 @@ def _budget_saver_cls():
     from transformers import TrainerCallback
     class BudgetSaver(TrainerCallback):
         "Save the adapter (or model) into `adapters/<budget_m>/` when the step that ends a nested budget is done."
-        def __init__(self, at_steps: dict, out_dir, tokenizer):
-            self.at, self.out, self.tok = at_steps, Path(out_dir), tokenizer
-        def on_step_end(self, args, state, control, model=None, **kw):
-            if state.global_step not in self.at or not state.is_world_process_zero: return
-            for label in self.at[state.global_step]: save_adapter(model, self.tok, self.out / "adapters" / label)
+        def __init__(self, at_steps: dict, out_dir, tokenizer, fsdp: bool = False):
+            self.at, self.out, self.tok, self.fsdp = at_steps, Path(out_dir), tokenizer, fsdp
+        def on_step_end(self, args, state, control, model=None, **kw):   # under FSDP every rank saves (a gather)
+            if state.global_step not in self.at or not (self.fsdp or state.is_world_process_zero): return
+            for label in self.at[state.global_step]: save_adapter(model, self.tok, self.out / "adapters" / label, self.fsdp)
     return BudgetSaver
 
 # %% ../nbs/30_finetune.ipynb #7c7ab06e
 def last_checkpoint(ckpt_dir) -> Optional[Path]:
-    "The newest complete Trainer checkpoint (`checkpoint-N` with its trainer state written last), or None."
+    """The newest complete Trainer checkpoint (`checkpoint-N` with its trainer state written last, its optimizer state --
+    `optimizer.pt`, or FSDP's sharded `optimizer_0/` -- and RNG state), or None."""
     d = Path(ckpt_dir)
     if not d.exists(): return None
     cands = sorted((p for p in d.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
                    key=lambda p: int(p.name.split("-")[-1]), reverse=True)
     for p in cands:
-        if (p / "trainer_state.json").exists() and any(p.glob("optimizer.*")) and any(p.glob("rng_state*")): return p
+        if (p / "trainer_state.json").exists() and any(p.glob("optimizer*")) and any(p.glob("rng_state*")): return p
     return None
 
 # %% ../nbs/30_finetune.ipynb #eca5ca31
@@ -729,9 +747,10 @@ def score_base(model, tokenizer, heldout_data, cfg: FinetuneConfig, template=Non
         warnings.warn(f"{heldout_data}: no conversation with an assistant answer: held-out loss skipped"); return None
     path = Path(out_dir) / "heldout_base.json"
     if path.exists(): return HeldOut(hconvs, henc, json.loads(path.read_text()))
-    ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    inner = model.module if hasattr(model, "module") else model      # FSDP1 wraps the peft model
+    ctx = inner.disable_adapter() if hasattr(inner, "disable_adapter") else contextlib.nullcontext()
     with ctx: base = heldout_loss(model, tokenizer, hconvs, template, cfg.heldout_max_length, encoded=henc)
-    atomic_write_json(path, base)
+    if dist_env()[0] == 0: atomic_write_json(path, base)            # under FSDP every rank scored it
     return HeldOut(hconvs, henc, base)
 
 # %% ../nbs/30_finetune.ipynb #dfbe1044
@@ -778,7 +797,7 @@ def make_trainer(model, tokenizer, data: TrainData, plan: StepPlan, cfg: Finetun
     mp = train_precision(cfg.dtype, device, device.startswith("cuda") and torch.cuda.is_bf16_supported())
     args = training_arguments(cfg, out, device, plan.total_steps, cut_warmup(cfg, plan), progress, mp == "bf16", mp == "fp16")
     trainer = Trainer(model=model, args=args, train_dataset=data.rows, data_collator=BlockCollator(data.pad_id, cfg.packing, flatten),
-                      callbacks=[JsonlLog(out / "train_log.jsonl", plan.cum_tokens), BudgetSaver(plan.at_steps, out, tokenizer)])
+                      callbacks=[JsonlLog(out / "train_log.jsonl", plan.cum_tokens), BudgetSaver(plan.at_steps, out, tokenizer, dist_env()[2])])
     trainer.loss_chunk_tokens = cfg.loss_chunk_tokens
     return trainer
 
@@ -798,12 +817,14 @@ def train_or_resume(trainer, out_dir, resume: bool = True) -> TrainRun:
     return TrainRun(res, int(ck.name.split("-")[-1]) if ck else 0, time.time() - t1)
 
 # %% ../nbs/30_finetune.ipynb #c6bb1b60
-def save_final_adapters(model, tokenizer, out_dir, full_labels=()) -> Path:
-    "Save the trained adapter into `adapter/`, `adapters/final/` and `adapters/<b>/` for each label of `full_labels`."
+def save_final_adapters(model, tokenizer, out_dir, full_labels=(), fsdp: bool = False) -> Path:
+    """Save the trained adapter into `adapter/`, `adapters/final/` and `adapters/<b>/` for each label of `full_labels`
+    (with `fsdp`: every rank calls it, the weights are gathered once)."""
     out = Path(out_dir); final = out / "adapter"
-    save_adapter(model, tokenizer, final)
-    save_adapter(model, tokenizer, out / "adapters" / "final")      # the driver's name for the last adapter
-    for label in full_labels: save_adapter(model, tokenizer, out / "adapters" / label)
+    sd = gather_adapter_state(model) if fsdp else None
+    save_adapter(model, tokenizer, final, fsdp, sd)
+    save_adapter(model, tokenizer, out / "adapters" / "final", fsdp, sd)      # the driver's name for the last adapter
+    for label in full_labels: save_adapter(model, tokenizer, out / "adapters" / label, fsdp, sd)
     return final
 
 # %% ../nbs/30_finetune.ipynb #f155b28a
@@ -833,6 +854,22 @@ def run_summary(base_spec: str, train_data, cfg: FinetuneConfig, device: str, mo
             "train_loss": run.result.training_loss, "audit": {k: v for k, v in data.audit.items() if k != "problems"},
             "adapter": str(final), "peak_rss_mb": peak_rss_mb()}
 
+# %% ../nbs/30_finetune.ipynb #f5c16a4a
+def load_adapter_weights(model, adapter_dir) -> None:
+    """Put a saved adapter's weights (`adapter_dir/adapter_model.safetensors`, as `save_adapter` wrote it) into the
+    trained peft `model`, which may be sharded: torch's `set_model_state_dict` with `full_state_dict` scatters each
+    whole tensor into the shards (FSDP: every rank calls it). The file's keys are peft's (no adapter name)."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+    saved = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    inner = model.module if hasattr(model, "module") else model
+    tag = f".{inner.active_adapter}"
+    names = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))     # keys only: no gather
+    sd = {n: saved[n.replace(tag, "")] for n in names if n.replace(tag, "") in saved}
+    missing = sorted(set(saved) - {n.replace(tag, "") for n in sd})
+    if missing: raise ValueError(f"{adapter_dir}: {len(missing)} adapter weight(s) match no trainable weight of the model, e.g. {missing[:3]}")
+    set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=False))
+
 # %% ../nbs/30_finetune.ipynb #f133a0c2
 def score_budgets(model, tokenizer, held: HeldOut, groups: dict, cfg: FinetuneConfig, out_dir, template=None) -> dict:
     "Held-out losses of the base and of each saved budget's adapter (or the final one), written to `heldout.json`."
@@ -841,15 +878,13 @@ def score_budgets(model, tokenizer, held: HeldOut, groups: dict, cfg: FinetuneCo
     saved = [l for l in (groups or []) if (out / "adapters" / l / "adapter_model.safetensors").exists()]
     after = {} if saved and cfg.method != "full" else {"final": score()}
     if cfg.method != "full" and groups:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
         for label in groups:
             if not (out / "adapters" / label / "adapter_model.safetensors").exists(): continue
-            set_peft_model_state_dict(model, load_file(str(out / "adapters" / label / "adapter_model.safetensors")))
+            load_adapter_weights(model, out / "adapters" / label)
             after[label] = score()
-        set_peft_model_state_dict(model, load_file(str(final / "adapter_model.safetensors")))
+        load_adapter_weights(model, final)
     scores = {"base": held.base, **{f"after_{k}": v for k, v in after.items()}}
-    atomic_write_json(out / "heldout.json", scores)
+    if dist_env()[0] == 0: atomic_write_json(out / "heldout.json", scores)    # under FSDP every rank scored
     return scores
 
 # %% ../nbs/30_finetune.ipynb #652db8d2
@@ -873,8 +908,10 @@ def finetune(base_spec: str, train_data, cfg=None, out_dir="finetune_out", heldo
     plan = plan_steps(data, cfg, source=train_data)
     prep_s = time.time() - t0
     model, gc = build_model(base_spec, cfg, device)
-    rank, world, _ = dist_env()
-    held = score_base(model, tok, heldout_data, cfg, chat_template, out) if rank == 0 else None   # scored once
+    rank, world, fsdp = dist_env()
+    # held-out answers: scored once, by rank 0 on its whole model; under FSDP after training, by every rank on the
+    # sharded model (each forward pass is a collective), with rank 0 writing
+    held = score_base(model, tok, heldout_data, cfg, chat_template, out) if rank == 0 and not fsdp else None
     trainer = make_trainer(model, tok, data, plan, cfg, device, out, progress)
     from imitation_nb.curves import attach_curves, write_curves     # TensorBoard event files in out/tensorboard
     attach_curves(trainer, out, plan.cum_tokens)
@@ -882,13 +919,19 @@ def finetune(base_spec: str, train_data, cfg=None, out_dir="finetune_out", heldo
     if world > 1:                    # each rank's record: it trained (steps, seconds), from which checkpoint
         atomic_write_json(out / "ranks" / f"rank-{rank}.json", {"rank": rank, "world_size": world, "steps": trainer.state.global_step,
                           "resumed_from_step": run.start_step, "train_s": round(run.seconds, 2), "time": now_iso()})
+    scores = None
+    if fsdp:                         # collectives: every rank gathers the adapters, loads them and scores; rank 0 writes
+        save_final_adapters(trainer.model, tok, out, plan.full_labels, fsdp=True)
+        held = score_base(trainer.model, tok, heldout_data, cfg, chat_template, out)
+        if held is not None: scores = score_budgets(trainer.model, tok, held, data.groups, cfg, out, chat_template)
     if not trainer.is_world_process_zero(): return {"adapter": str(out / "adapter"), "rank": rank}
-    save_final_adapters(model, tok, out, plan.full_labels)
+    if not fsdp: save_final_adapters(model, tok, out, plan.full_labels)
     summary = run_summary(base_spec, train_data, cfg, device, model, gc, data, plan, run, prep_s, out, chat_template)
     summary["length_caps"] = caps
     summary["mixed_precision"] = "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "no"
+    summary["distributed"] = ("fsdp" if fsdp else "ddp") if world > 1 else None
     if held is not None:
-        scores = score_budgets(model, tok, held, data.groups, cfg, out, chat_template)
+        if scores is None: scores = score_budgets(model, tok, held, data.groups, cfg, out, chat_template)
         summary["heldout"] = {k: {kk: vv for kk, vv in v.items() if kk != "per_conversation"} for k, v in scores.items()}
     atomic_write_json(out / "summary.json", summary)
     write_curves(out)                                                # curves.csv, curves.png (32_curves)
@@ -940,13 +983,22 @@ def split_accumulation(cfg: FinetuneConfig, n: int) -> FinetuneConfig:
     return dataclasses.replace(cfg, grad_accum=cfg.grad_accum // n)
 
 # %% ../nbs/30_finetune.ipynb #904e1e91
-def launch_command(n: int, device: str, script, port: int, accelerate_config=None) -> list[str]:
-    "The command that runs `script` in `n` processes: `accelerate launch` on CUDA, `torch.distributed.run` (gloo) on CPU."
+ACCELERATE_CONFIGS = {"ddp": "ddp.yaml", "fsdp": "fsdp_qlora.yaml"}
+
+def launch_command(n: int, device: str, script, port: int, accelerate_config=None, distributed: str = "ddp") -> list[str]:
+    """The command that runs `script` in `n` processes: `accelerate launch` on CUDA (`accelerate_config`, else
+    `configs/accelerate/` `ddp.yaml` or `fsdp_qlora.yaml` for `distributed`), `torch.distributed.run` (gloo) on CPU --
+    DDP only: accelerate 1.15 runs FSDP on accelerator devices only and torch's FSDP1 refuses CPU."""
+    if distributed not in ACCELERATE_CONFIGS:
+        raise ValueError(f"compute.distributed must be one of {list(ACCELERATE_CONFIGS)}, got {distributed!r}")
     if device.startswith("cuda") or device == "auto":
         from imitation_nb.core import configs_dir
-        cfg = accelerate_config or configs_dir() / "accelerate" / "ddp.yaml"
+        cfg = accelerate_config or configs_dir() / "accelerate" / ACCELERATE_CONFIGS[distributed]
         return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg), "--num_processes", str(n),
                 "--main_process_port", str(port), str(script)]
+    if distributed != "ddp":
+        raise ValueError(f"compute.distributed={distributed} needs CUDA devices (compute.device is {device!r}): accelerate "
+                         "1.15 runs FSDP on accelerator devices only, and torch's FSDP1 refuses CPU; use ddp on CPU")
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr", "127.0.0.1",
             "--master_port", str(port), str(script)]
 
@@ -960,13 +1012,13 @@ def _free_port() -> int:
     import socket
     with socket.socket() as s: s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
-def launch_finetune(kwargs: dict, n: int, device: str, out_dir, accelerate_config=None) -> None:
+def launch_finetune(kwargs: dict, n: int, device: str, out_dir, accelerate_config=None, distributed: str = "ddp") -> None:
     "Run `finetune(**kwargs)` in `n` processes (`launch_command`); raises naming the command when a process fails."
     import subprocess
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "launch_args.json", kwargs)
     atomic_write_text(out / "launch_worker.py", "from imitation_nb.finetune import finetune_worker\nfinetune_worker()\n")
-    cmd = launch_command(n, device, out / "launch_worker.py", _free_port(), accelerate_config) + [str(out / "launch_args.json")]
+    cmd = launch_command(n, device, out / "launch_worker.py", _free_port(), accelerate_config, distributed) + [str(out / "launch_args.json")]
     r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     if r.returncode: raise RuntimeError(f"finetune: the {n}-process launch failed (exit {r.returncode}): {' '.join(cmd)}")
 
@@ -982,7 +1034,7 @@ def run_finetune(profile="smoke", run_dir=None, base: str = "smollm2-135m", trai
     given), inside a `StageRun` (manifest, inputs' hashes, held-out-loss result rows). Without `train_file` it
     trains on a small real ShareGPT sample (a standalone smoke run). Returns the run directory."""
     import dataclasses
-    from imitation_nb.core import load_profile, StageRun, run_dir_for, build_dataclass
+    from imitation_nb.core import load_profile, StageRun, run_dir_for, build_dataclass, ProfileError
     from imitation_nb.models import model_info
     prof = load_profile(profile)
     fcfg = prof.section("finetune")
@@ -1001,6 +1053,10 @@ def run_finetune(profile="smoke", run_dir=None, base: str = "smollm2-135m", trai
                  chat_template=tmpl, resume=resume, progress=progress)
         return rd
     n = max(1, prof.compute.num_gpus) if world == 1 else 1
+    strategy = prof.compute.distributed if n > 1 else ("fsdp" if dist_env()[2] else "ddp") if world > 1 else None
+    if n > 1:                        # a strategy the device cannot run is refused before any work, naming the key
+        try: launch_command(n, prof.compute.device, "-", 0, distributed=strategy)
+        except ValueError as e: raise ProfileError(f"{prof.file}: key 'compute.distributed': {e}") from None
     with StageRun("finetune", params, profile=profile, run_dir=rd, seed=fcfg.seed) as run:
         if train_file is None:   # standalone smoke run: a small real ShareGPT sample
             train_file, heldout_file = rd / "train_sample.jsonl", heldout_file or rd / "heldout_sample.jsonl"
@@ -1015,7 +1071,7 @@ def run_finetune(profile="smoke", run_dir=None, base: str = "smollm2-135m", trai
         if n > 1:                    # N processes, the same steps (split_accumulation); rank 0 writes summary.json
             (rd / "summary.json").unlink(missing_ok=True)
             launch_finetune(dict(base_spec=spec, train_data=str(train_file), cfg=asdict(split_accumulation(fcfg, n)),
-                                 out_dir=str(rd), **kw), n, prof.compute.device, rd)
+                                 out_dir=str(rd), **kw), n, prof.compute.device, rd, distributed=strategy)
             summary = json.loads((rd / "summary.json").read_text())
         else: summary = finetune(spec, train_file, fcfg, rd, **kw)
         run.add_model("base", model_info(spec))
@@ -1023,6 +1079,7 @@ def run_finetune(profile="smoke", run_dir=None, base: str = "smollm2-135m", trai
         for lab, b in summary.get("budgets", {}).items():
             if b["saved"]: run.add_output(f"adapter_{lab}", b["adapter"])
         run.extra["summary"] = {k: v for k, v in summary.items() if k != "config"}
+        run.extra["distributed"] = {"processes": n if n > 1 else world, "strategy": strategy}
         if heldout_file and fcfg.heldout_max_examples and (rd / "heldout.json").exists():
             held = json.loads((rd / "heldout.json").read_text())
             fields = {"model_family": entry.family if entry else "", "base_params_b": entry.params_b if entry else None,

@@ -63,6 +63,8 @@ def test_two_processes_train_like_one_and_rank_0_records(setup, tmp_path):
     assert [p.name for p in two.glob("manifest*.json")] == ["manifest.json"]
     man = json.loads((two / "manifest.json").read_text())
     assert man["status"] == "done" and man["params"]["config"]["grad_accum"] == 2
+    assert s2["distributed"] == "ddp" and s1["distributed"] is None                   # the strategy, recorded
+    assert man["extra"]["distributed"] == {"processes": 2, "strategy": "ddp"}
     assert (two / "adapter" / "adapter_model.safetensors").exists() and not list(two.glob(".adapter.tmp-*"))
     held = json.loads((two / "heldout.json").read_text())
     assert set(held) == set(json.loads((one / "heldout.json").read_text()))
@@ -102,7 +104,7 @@ def test_chunked_loss_runs_through_the_ddp_wrapper():
 def test_kill_and_resume_of_a_two_process_run(setup, tmp_path):
     """Killed after its first checkpoint (every process of the launch), the two-process stage run resumes from that
     checkpoint on both ranks and ends with the adapter of an uninterrupted two-process run."""
-    import signal, subprocess, sys, time
+    import subprocess, sys, time
     from safetensors.torch import load_file
     d, profiles = setup
     ref = run(setup, 2, tmp_path / "ref")
@@ -119,11 +121,19 @@ def test_kill_and_resume_of_a_two_process_run(setup, tmp_path):
         assert p.poll() is None, "the launch ended before its first checkpoint: " + (tmp_path / "killed.log").read_text()[-3000:]
         assert time.time() - t0 < 600
         time.sleep(0.05)
-    os.killpg(p.pid, signal.SIGKILL); p.wait()
+    # every process of the launch: torch.distributed.run starts its workers in sessions of their own, so killing the
+    # process group alone left them training to the end (and the "resumed" run found their last checkpoint)
+    import psutil
+    procs = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
+    for q in procs:
+        try: q.kill()
+        except psutil.NoSuchProcess: pass
+    p.wait(); psutil.wait_procs(procs, timeout=30); time.sleep(1)
     assert not (out / "adapter").exists()                                      # killed before the end
+    assert [c.name for c in (out / "checkpoints").iterdir()] == ["checkpoint-3"]
     run(setup, 2, out)                                                         # the stage again: it resumes
     recs = [json.loads(f.read_text()) for f in sorted((out / "ranks").glob("rank-*.json"))]
-    assert [r["rank"] for r in recs] == [0, 1] and all(r["resumed_from_step"] >= 3 for r in recs), recs
+    assert [r["rank"] for r in recs] == [0, 1] and all(r["resumed_from_step"] == 3 for r in recs), recs
     assert json.loads((out / "summary.json").read_text())["steps"] == json.loads((ref / "summary.json").read_text())["steps"]
     A = load_file(str(ref / "adapter" / "adapter_model.safetensors")); B = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert A.keys() == B.keys() and max((A[k] - B[k]).abs().max().item() for k in A) < 1e-5
