@@ -11,9 +11,10 @@ What runs on this CPU machine (torch 2.13, accelerate 1.15, transformers 5.23, p
   `AcceleratorState` gets `DistributedType.FSDP` and an env-built `FullyShardedDataParallelPlugin` when it would be
   MULTI_CPU) and set accelerate's FSDP variables with FSDP_VERSION=2; everything else is the real stack: the Trainer's
   FSDP path (accelerate's `fsdp2_prepare_model`, peft's auto-wrap policy, `save_fsdp_model` sharded checkpoints) and
-  our `finetune`. The CUDA config (configs/accelerate/fsdp_qlora.yaml) stays peft's documented FSDP1 recipe, which
-  cannot run here; our gather / load go through torch's `get_model_state_dict` / `set_model_state_dict`, which serve
-  FSDP1 and FSDP2 alike.
+  our `finetune`. The workers get exactly the FSDP variables `accelerate launch` exports for the CUDA config
+  (configs/accelerate/fsdp_qlora.yaml, FSDP2): the GPU path differs from the tested one only in the device. (peft's
+  docs show FSDP1, which refuses CPU; our gather / load go through torch's `get_model_state_dict` /
+  `set_model_state_dict`, which serve FSDP1 and FSDP2 alike.)
 - 4-bit under FSDP2 on CPU (bitsandbytes' CPU NF4, `bnb_4bit_quant_storage=bfloat16`) runs too: tested below.
 
 Before: the first nested-budget save under FSDP crashed (rank 0 alone called `save_pretrained` on DTensor shards:
@@ -50,8 +51,28 @@ st.AcceleratorState.__init__ = init
 from imitation_nb.finetune import finetune_worker
 finetune_worker()
 '''
-FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
-            "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"}
+
+
+def accelerate_fsdp_env(config=ROOT / "configs" / "accelerate" / "fsdp_qlora.yaml") -> dict:
+    """The FSDP variables `accelerate launch --config_file <config>` exports to its processes (accelerate's own argument
+    parsing, validation and `prepare_multi_gpu_env`): the workers below run under exactly the CUDA config's settings.
+    Mixed precision is left out: on CPU the run is fp32 (`train_precision`)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+    args = launch_command_parser().parse_args(["--config_file", str(config), "--num_processes", "2", "--main_process_port", "29500", "x.py"])
+    args, _, _ = _validate_launch_command(args)
+    return {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith("FSDP_") or k == "ACCELERATE_USE_FSDP"}
+
+
+FSDP_ENV = accelerate_fsdp_env()
+
+
+def test_the_cuda_fsdp_config_is_the_fsdp2_setup_tested_here():
+    "configs/accelerate/fsdp_qlora.yaml asks for FSDP2 with sharded checkpoints and per-block wrapping: what runs below."
+    assert {k: FSDP_ENV[k] for k in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "FSDP_AUTO_WRAP_POLICY", "FSDP_STATE_DICT_TYPE",
+                                      "FSDP_RESHARD_AFTER_FORWARD", "FSDP_CPU_RAM_EFFICIENT_LOADING")} == {
+        "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+        "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT", "FSDP_RESHARD_AFTER_FORWARD": "true", "FSDP_CPU_RAM_EFFICIENT_LOADING": "false"}
 
 
 @pytest.fixture(scope="module")
