@@ -26,8 +26,8 @@ __all__ = ['PLANNER_ONLY', 'INPUT_KEYS', 'TEACHER_SUBJECT', 'KNOWN_ARCH', 'ASSUM
            'subject_for', 'grid_subjects', 'is_primary', 'eval_runs', 'plan', 'input_checks', 'input_problems',
            'missing_inputs', 'format_inputs', 'arch_for', 'lora_params', 'training_flops', 'memory_gb', 'eval_tokens',
            'estimate', 'bill', 'papermill_command', 'status', 'StageFailed', 'write_profile_snapshot', 'check_settings',
-           'stage_notebook', 'stage_notebook_path', 'write_stage_notebook', 'execute', 'selected_stages', 'run_plan',
-           'reproduce_cli']
+           'stage_notebook', 'stage_notebook_path', 'write_stage_notebook', 'execute', 'selected_stages',
+           'critical_path_priority', 'run_plan', 'reproduce_cli']
 
 # %% ../nbs/90_reproduce.ipynb #a5b0632c
 @dataclass
@@ -646,16 +646,30 @@ def selected_stages(P: list[StagePlan], only: str | None) -> set[str]:
         raise UserError(f"--only: {'; '.join(bad) or 'no stage named'}; the plan's stages: {', '.join(stages)}")
     return set(wanted)
 
+# %% ../nbs/90_reproduce.ipynb #5b1931aa
+def critical_path_priority(P: list[StagePlan], cost) -> dict:
+    """{key: estimated hours of the longest chain from this run to the end of the plan, itself included}; `cost(sp)`
+    gives a run's hours (None or missing: 0)."""
+    by, children, memo = {sp.key: sp for sp in P}, {sp.key: [] for sp in P}, {}
+    for sp in P:
+        for d in sp.deps:
+            if d in children: children[d].append(sp.key)
+    def level(k):
+        if k not in memo: memo[k] = float(cost(by[k]) or 0.0) + max((level(c) for c in children[k]), default=0.0)
+        return memo[k]
+    return {sp.key: level(sp.key) for sp in P}
+
 # %% ../nbs/90_reproduce.ipynb #d58b991d
 def run_plan(P: list[StagePlan], only: str | None = None, force: bool = False, parallel: int = 1,
-             log=print, keep_going: bool = True, progress=None) -> dict:
+             log=print, keep_going: bool = True, progress=None, priority: dict | None = None) -> dict:
     """Execute the plan: skip finished runs (unless `force`), run ready stages (all deps done) with up to
-    `parallel` at once, stop dependents of a failure. Returns {key: status}. `progress` (a `progress.PlanProgress`)
-    gets every event instead of `log`."""
+    `parallel` at once, the highest `priority` first (`critical_path_priority`; default: plan order), stop dependents
+    of a failure. Returns {key: status}. `progress` (a `progress.PlanProgress`) gets every event instead of `log`."""
     def note(kind, sp, msg, **info):
         if progress is not None: progress.event(kind, sp, **info)
         else: log(msg)
     by_key = {sp.key: sp for sp in P}
+    order = sorted(P, key=lambda sp: -(priority or {}).get(sp.key, 0.0))     # stable: plan order breaks ties
     stages = selected_stages(P, only)
     selected = {sp.key for sp in P if sp.stage in stages}
     state = {}
@@ -675,7 +689,7 @@ def run_plan(P: list[StagePlan], only: str | None = None, force: bool = False, p
         while True:
             for sp in P:
                 if blocked(sp): state[sp.key] = "blocked"; note("blocked", sp, f"[blocked] {sp.label}: an upstream stage failed")
-            for sp in P:
+            for sp in order:
                 if len(running) >= max(1, parallel): break
                 if ready(sp) and sp.key not in running.values():
                     state[sp.key] = "running"; note("start", sp, f"[run] {sp.label}\n      {sp.run_dir}")
@@ -735,7 +749,8 @@ def reproduce_cli(
     from imitation_nb.progress import PlanProgress, read_history      # the bar, a line per run, the ETA (92_progress)
     par = parallel or prof.compute.parallel_stages
     rep = PlanProgress(P, lambda sp: estimate(prof, sp), read_history(P), mode="plain" if plain else "auto", quiet=quiet, parallel=par)
-    try: st = run_plan(P, only=only, force=force, parallel=par, progress=rep)
+    prio = critical_path_priority(P, lambda sp: estimate(prof, sp).get("hours"))
+    try: st = run_plan(P, only=only, force=force, parallel=par, progress=rep, priority=prio)
     finally: rep.close()
     times = st.pop("_times")
     if not quiet: print(f"\nelapsed per stage (s):")
