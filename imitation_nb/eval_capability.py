@@ -326,6 +326,7 @@ def score_requests(model, groups: list[list[tuple[list[int], list[int]]]], max_b
     predicted. `on_batch(indices, results)` runs after each batch (resumable writing)."""
     import torch
     from tqdm.auto import tqdm
+    from imitation_nb.models import kept_logits
     kinds, window = _attention_kinds(model)
     p0 = next(model.parameters())
     dev, dtype = p0.device, (p0.dtype if p0.is_floating_point() else torch.float32)
@@ -345,8 +346,8 @@ def score_requests(model, groups: list[list[tuple[list[int], list[int]]]], max_b
             ids[r, :len(tries[i][0])] = torch.tensor(tries[i][0]); keep[r, needed[i]] = True
         mask, pos = _batch_masks([tries[i] for i in b], L, kinds, window, dtype, dev)
         with torch.no_grad():
-            logits = model(input_ids=ids.to(dev), attention_mask=mask, position_ids=pos, logits_to_keep=keep.to(dev),
-                           use_cache=False).logits                      # [kept positions, vocab], row-major
+            logits = kept_logits(model, keep.to(dev), input_ids=ids.to(dev), attention_mask=mask, position_ids=pos,
+                                 use_cache=False)                       # [kept positions, vocab], row-major
             lp = torch.log_softmax(logits.float(), -1).cpu()
         greedy = lp.argmax(-1)
         row0, done = 0, []

@@ -420,6 +420,7 @@ def _shared_prefix_logprobs(model, tok, enc, idx, cand, max_batch, on_batch, out
     while all(len(e) > L + 1 for e in group) and len({e[L] for e in group}) == 1: L += 1
     dev = next(model.parameters()).device
     from transformers import DynamicCache
+    from imitation_nb.models import kept_logits
     with torch.no_grad():
         # a config-less DynamicCache keeps every position in every layer, so sliding-window layers (Gemma 3)
         # still see the whole prefix; their attention mask applies the window from the positions
@@ -435,8 +436,8 @@ def _shared_prefix_logprobs(model, tok, enc, idx, cand, max_batch, on_batch, out
             pos = torch.arange(L, L + M, device=dev)[None].expand(n, M)
             c = copy.deepcopy(cache); c.batch_repeat_interleave(n)
             keep = torch.tensor([[len(r) - 1] for r in rest], device=dev)    # each row's last real position only
-            last = model(input_ids=x, attention_mask=att, position_ids=pos, past_key_values=c, use_cache=True,
-                         logits_to_keep=keep).logits[:, 0]
+            last = kept_logits(model, keep, input_ids=x, attention_mask=att, position_ids=pos, past_key_values=c,
+                               use_cache=True)[:, 0]
             lp = torch.log_softmax(last.float(), -1)[:, cand].cpu().numpy()
             out[b] = lp
             if on_batch: on_batch(b, lp)

@@ -17,7 +17,7 @@ from .core import cache_dir, atomic_write_json, file_sha256, now_iso, package_ve
 __all__ = ['EMBEDDED', 'PPL_TEXT', 'Embedded', 'locate_gguf', 'model_cache', 'prepare_model', 'resolve_device', 'resolve_dtype',
            'load_tokenizer', 'quantization_config', 'no_cpu_repacking', 'load_model', 'model_info', 'LengthCapWarning',
            'context_length', 'model_context_length', 'model_type', 'cap_length', 'generation_lengths', 'perplexity',
-           'shuffled', 'tiny_random_model', 'models_cli']
+           'shuffled', 'tiny_random_model', 'native_2d_logits_to_keep', 'kept_logits', 'models_cli']
 
 # %% ../nbs/01_models.ipynb #8a8d045a
 @dataclass(frozen=True)
@@ -292,6 +292,25 @@ def tiny_random_model(spec: str = "smollm2-135m-instruct", layers: int = 2, hidd
         if hasattr(cfg, k): setattr(cfg, k, v)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+# %% ../nbs/01_models.ipynb #94593423
+def native_2d_logits_to_keep() -> bool:
+    "Whether the installed transformers slices by a 2-D `logits_to_keep` (its `slice_logits_to_keep`, 5.21+)."
+    import transformers.modeling_utils as mu
+    return hasattr(mu, "slice_logits_to_keep")
+
+def kept_logits(model, keep, native: bool | None = None, **kw):
+    """`model(**kw, logits_to_keep=keep).logits` for a 2-D `keep` (bool mask: `[n_true, vocab]` row-major; int
+    positions: `[batch, k, vocab]`) on any transformers 5.x; `native` forces a path (default: detected)."""
+    import torch
+    if native is None: native = native_2d_logits_to_keep()
+    if native: return model(**kw, logits_to_keep=keep).logits
+    if keep.dtype == torch.bool:
+        idx = keep.any(0).nonzero().squeeze(1)                    # positions any row keeps, ascending
+        return model(**kw, logits_to_keep=idx).logits[keep[:, idx]]
+    idx, inv = torch.unique(keep, sorted=True, return_inverse=True)
+    out = model(**kw, logits_to_keep=idx).logits                     # [batch, len(idx), vocab]
+    return torch.take_along_dim(out, inv[..., None], dim=1)
 
 # %% ../nbs/01_models.ipynb #6118e9c0
 from fastcore.script import call_parse
