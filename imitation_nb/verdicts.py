@@ -112,10 +112,13 @@ def _style(runs, s, cfg) -> list[dict]:
         xa = np.array([bool(a[i][out]) for i in keep]); xb = np.array([bool(b[i][out]) for i in keep])
         rows.append(claim_row(claim, what, comp, mcnemar_exact(xa, xb), xa.mean(), xb.mean(), "increase", "pp", cfg, scale=100,
                               paper=PAPER[claim], note=f"{len(keep)} of {len(a)} paired prompts have it in ChatGPT's reference"))
-    ua, ub = [r["unigram"] for r in a], [r["unigram"] for r in b]
-    rows.append(claim_row("style_unigram", "unigram overlap with ChatGPT's answer (%)", comp,
-                          paired_bootstrap(ua, ub, n_boot=cfg.n_boot, seed=cfg.seed), np.mean(ua), np.mean(ub), "increase",
-                          "pp", cfg, paper=PAPER["style_unigram"]))
+    ok = [i for i in range(len(a)) if np.isfinite(a[i]["unigram"]) and np.isfinite(b[i]["unigram"])]   # NaN: reference has no word
+    ua, ub = [a[i]["unigram"] for i in ok], [b[i]["unigram"] for i in ok]
+    if len(ok) >= 2:
+        rows.append(claim_row("style_unigram", "unigram overlap with ChatGPT's answer (%)", comp,
+                              paired_bootstrap(ua, ub, n_boot=cfg.n_boot, seed=cfg.seed), np.mean(ua), np.mean(ub), "increase",
+                              "pp", cfg, paper=PAPER["style_unigram"],
+                              note=f"{len(a) - len(ok)} of {len(a)} paired prompts left out: ChatGPT's reference has no word" if len(ok) < len(a) else ""))
     corr = lambda x, z: np.corrcoef(x, z)[0, 1]
     la, lb, lr = [r["len_out"] for r in a], [r["len_out"] for r in b], [r["len_ref"] for r in a]
     if np.std(la) > 0 and np.std(lb) > 0:
