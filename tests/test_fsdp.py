@@ -28,9 +28,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
-from imitation_nb.core import append_jsonl
-from imitation_nb.models import load_tokenizer, tiny_random_model
-from imitation_nb.sources import sharegpt_wheel
+from imitation_nb.models import load_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from multiprocess_fixtures import kill_launch, tiny_model_and_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGETS = [0.0004, 0.0008]
@@ -77,10 +78,7 @@ def test_the_cuda_fsdp_config_is_the_fsdp2_setup_tested_here():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("fsdp")
-    tiny_random_model("smollm2-135m-instruct").save_pretrained(d / "m"); load_tokenizer("smollm2-135m-instruct").save_pretrained(d / "m")
-    append_jsonl(d / "train.jsonl", [dict(c, order=i) for i, c in enumerate(sharegpt_wheel(10, max_chars=900))])
-    append_jsonl(d / "held.jsonl", sharegpt_wheel(2, skip=300, max_chars=800))
+    d = tiny_model_and_data(tmp_path_factory.mktemp("fsdp"))
     (d / "worker.py").write_text(WORKER)
     return d
 
@@ -100,16 +98,6 @@ def fsdp_launch(d, out, wait=True, **cfg):
     if not wait: return p
     assert p.wait(600) == 0, (out.parent / f"{out.name}.log").read_text()[-4000:]
     return json.loads((out / "summary.json").read_text())
-
-
-def kill_launch(p):
-    """SIGKILL a launch and every process under it: torch.distributed.run starts its workers in sessions of their own, so
-    killing the launcher's process group alone leaves them training (and the "resumed" run finds their last checkpoint)."""
-    import psutil
-    procs = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
-    for q in procs:
-        with __import__("contextlib").suppress(psutil.NoSuchProcess): q.kill()
-    p.wait(); psutil.wait_procs(procs, timeout=30)
 
 
 def one_process(d, out, **cfg):

@@ -3,7 +3,7 @@ processes itself (here on CPU: torch.distributed.run, gloo), with rank-aware rec
 result rows (the parent), one adapter and one held-out scoring (rank 0), both ranks trained the same steps, and the
 same trained tokens and nested-budget steps as the one-process run (the per-process grad_accum is halved).
 Before: no code path launched several processes (num_gpus was ignored: one process trained)."""
-import json, os
+import json, os, sys
 from pathlib import Path
 
 import pytest
@@ -13,19 +13,16 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
-from imitation_nb.core import append_jsonl, read_jsonl
-from imitation_nb.models import load_tokenizer, tiny_random_model
-from imitation_nb.sources import sharegpt_wheel
+from imitation_nb.models import tiny_random_model
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from multiprocess_fixtures import kill_launch, tiny_model_and_data  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mp")
-    tiny_random_model("smollm2-135m-instruct").save_pretrained(d / "m"); load_tokenizer("smollm2-135m-instruct").save_pretrained(d / "m")
-    append_jsonl(d / "train.jsonl", [dict(c, order=i) for i, c in enumerate(sharegpt_wheel(10, max_chars=900))])
-    append_jsonl(d / "held.jsonl", sharegpt_wheel(2, skip=300, max_chars=800))
+    d = tiny_model_and_data(tmp_path_factory.mktemp("mp"))
     raw = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
     raw["models"] = {"tiny": {"spec": str(d / "m"), "family": "SmolLM2", "params_b": 0.001, "label": "tiny"}}
     raw["grid"]["data_sweep"]["base"] = "tiny"; raw["grid"]["size_sweep"]["bases"] = ["tiny"]
@@ -121,14 +118,7 @@ def test_kill_and_resume_of_a_two_process_run(setup, tmp_path):
         assert p.poll() is None, "the launch ended before its first checkpoint: " + (tmp_path / "killed.log").read_text()[-3000:]
         assert time.time() - t0 < 600
         time.sleep(0.05)
-    # every process of the launch: torch.distributed.run starts its workers in sessions of their own, so killing the
-    # process group alone left them training to the end (and the "resumed" run found their last checkpoint)
-    import psutil
-    procs = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
-    for q in procs:
-        try: q.kill()
-        except psutil.NoSuchProcess: pass
-    p.wait(); psutil.wait_procs(procs, timeout=30); time.sleep(1)
+    kill_launch(p); time.sleep(1)                         # every process of the launch (see kill_launch)
     assert not (out / "adapter").exists()                                      # killed before the end
     assert [c.name for c in (out / "checkpoints").iterdir()] == ["checkpoint-3"]
     run(setup, 2, out)                                                         # the stage again: it resumes
