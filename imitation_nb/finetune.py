@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from .core import (register_section, atomic_write_json, atomic_write_text, append_jsonl, read_jsonl, stable_hash,
-                   seed_everything, peak_rss_mb, now_iso, bootstrap_ci)
+                   seed_everything, peak_rss_mb, now_iso, bootstrap_ci, runs_dir)
 from .sources import read_conversations, sharegpt_wheel
 from .train_kernels import PACKED_ATTENTION, register_packed_attention, use_fast_dropout, use_fused_lora
 
@@ -736,9 +736,13 @@ class HeldOut:
     encoded: list
     base: dict
 
-def score_base(model, tokenizer, heldout_data, cfg: FinetuneConfig, template=None, out_dir=".") -> HeldOut | None:
+def score_base(model, tokenizer, heldout_data, cfg: FinetuneConfig, template=None, out_dir=".", shared_dir=None,
+               model_key: str = "") -> HeldOut | None:
     """Read up to `cfg.heldout_max_examples` held-out conversations with an answer and score the base (adapter
-    disabled) on them, or read that score from `out_dir/heldout_base.json`. None without held-out data."""
+    disabled) on them, or read that score from `out_dir/heldout_base.json`. None without held-out data.
+    With `shared_dir` (and `model_key` naming the base as loaded: spec, method, dtype, device) the score is also
+    kept there under a hash of the key and the exact token ids and labels scored: another run fine-tuning the same
+    base scores the same answers only once (the `mini` grid's data sweep and NQ-synthetic runs)."""
     if not (heldout_data and cfg.heldout_max_examples): return None
     hconvs = [c for c in read_conversations(heldout_data) if any(m["role"] == "assistant" for m in c["messages"])]
     hconvs = hconvs[:cfg.heldout_max_examples]
@@ -747,10 +751,14 @@ def score_base(model, tokenizer, heldout_data, cfg: FinetuneConfig, template=Non
         warnings.warn(f"{heldout_data}: no conversation with an assistant answer: held-out loss skipped"); return None
     path = Path(out_dir) / "heldout_base.json"
     if path.exists(): return HeldOut(hconvs, henc, json.loads(path.read_text()))
+    shared = shared_dir and Path(shared_dir) / f"{stable_hash([model_key, [[e['input_ids'], e['labels']] for e in henc]], 24)}.json"
+    if shared and shared.exists():
+        base = json.loads(shared.read_text()); atomic_write_json(path, base); return HeldOut(hconvs, henc, base)
     inner = model.module if hasattr(model, "module") else model      # FSDP1 wraps the peft model
     ctx = inner.disable_adapter() if hasattr(inner, "disable_adapter") else contextlib.nullcontext()
     with ctx: base = heldout_loss(model, tokenizer, hconvs, template, cfg.heldout_max_length, encoded=henc)
-    if dist_env()[0] == 0: atomic_write_json(path, base)            # under FSDP every rank scored it
+    if dist_env()[0] == 0:                                          # under FSDP every rank scored it
+        for q in [path] + ([shared] if shared else []): atomic_write_json(q, base)
     return HeldOut(hconvs, henc, base)
 
 # %% ../nbs/30_finetune.ipynb #dfbe1044
@@ -911,7 +919,8 @@ def finetune(base_spec: str, train_data, cfg=None, out_dir="finetune_out", heldo
     rank, world, fsdp = dist_env()
     # held-out answers: scored once, by rank 0 on its whole model; under FSDP after training, by every rank on the
     # sharded model (each forward pass is a collective), with rank 0 writing
-    held = score_base(model, tok, heldout_data, cfg, chat_template, out) if rank == 0 and not fsdp else None
+    held = score_base(model, tok, heldout_data, cfg, chat_template, out, runs_dir() / "_cache" / "heldout_base",
+                      f"{base_spec}|{cfg.method}|{cfg.dtype}|{device}") if rank == 0 and not fsdp else None
     trainer = make_trainer(model, tok, data, plan, cfg, device, out, progress)
     from imitation_nb.curves import attach_curves, write_curves     # TensorBoard event files in out/tensorboard
     attach_curves(trainer, out, plan.cum_tokens)

@@ -290,8 +290,10 @@ def eval_runs(prof: Profile, mk, subj: dict, deps: list, base: str, refs: StageP
     "looks" (toxicity, generation, judge, style). Secondary subjects get the profile's `secondary_*` sizes."""
     g, name = prof.grid, subj["label"]
     secondary = not is_primary(prof, subj, base)
-    nq_syn = subj["imitation_data"] == "NQ-synthetic" and base == g.data_sweep.base    # Table 1's comparison: full NQ
-    bp = _secondary(prof, "eval_benchmarks.secondary_sizes", "sizes", secondary and not nq_syn and subj["role"] != "teacher")
+    nq_syn = subj["imitation_data"] == "NQ-synthetic" and base == g.data_sweep.base    # Table 1 compares NQ only:
+    bp = _secondary(prof, "eval_benchmarks.secondary_sizes", "sizes", secondary and subj["role"] != "teacher")
+    if nq_syn and bp:     # full NQ (paired with the top budget's), the secondary MMLU / HumanEval sizes
+        bp = {"sizes": sz} if (sz := {k: v for k, v in bp["sizes"].items() if k not in ("nq_n", "triviaqa_n")}) else {}
     out = [mk("eval_benchmarks", {"subject": subj, **bp}, deps=deps, label=f"NQ / MMLU / HumanEval: {name}")]
     if subj["imitation_data"] == "NQ-synthetic" or (subj["role"] == "base" and base != g.data_sweep.base): return out
     sweep = base == g.data_sweep.base and subj["role"] in ("base", "imitation")
