@@ -47,7 +47,8 @@ def mcnemar_exact(a: Sequence[bool], b: Sequence[bool], level: float = 0.95) -> 
     if a.shape != b.shape or a.ndim != 1: raise ValueError(f"paired outcomes need equal 1-d shapes, got {a.shape} and {b.shape}")
     n = len(a); n01 = int((~a & b).sum()); n10 = int((a & ~b).sum()); m = n01 + n10
     diff = (n01 - n10) / n if n else float("nan")
-    if m == 0: lo = hi = 0.0; p = 1.0
+    if m == 0:     # no discordant pair: the change is at most the discordance rate, 0 of n (exact upper bound)
+        p = 1.0; hi = float(sst.binomtest(0, n, 0.5).proportion_ci(confidence_level=level, method="exact").high) if n else float("nan"); lo = -hi
     else:
         bt = sst.binomtest(n01, m, 0.5); p = float(bt.pvalue)
         ci = bt.proportion_ci(confidence_level=level, method="exact")
@@ -57,10 +58,13 @@ def mcnemar_exact(a: Sequence[bool], b: Sequence[bool], level: float = 0.95) -> 
             "se": float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"), "test": "exact McNemar"}
 
 # %% ../nbs/03_stats.ipynb #d0c437fa
-def mde(se: float, alpha: float = 0.05, power: float = 0.8) -> float:
-    "Minimal detectable effect of a two-sided level-`alpha` test with `power`, given the change's standard error."
+def mde(se: float, alpha: float = 0.05, power: float = 0.8, n_paired_binary: int = 0) -> float:
+    """Minimal detectable effect of a two-sided level-`alpha` test with `power`, given the change's standard error.
+    For right/wrong outcomes paired on `n_paired_binary` items a change d needs a discordance rate of at least d, so
+    the SE is at least sqrt(d/n) and the MDE at least z²/n — however few discordant pairs were observed."""
     from scipy.stats import norm
-    return float((norm.ppf(1 - alpha / 2) + norm.ppf(power)) * se)
+    z = norm.ppf(1 - alpha / 2) + norm.ppf(power)
+    return float(max(z * se, z * z / n_paired_binary if n_paired_binary else 0.0))
 
 # %% ../nbs/03_stats.ipynb #d680805d
 CLAIMS = ("increase", "decrease", "no_improvement")

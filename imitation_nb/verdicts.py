@@ -85,7 +85,7 @@ def claim_row(claim: str, metric: str, comparison: str, change: dict, a_value: f
     lo, hi = change["ci_low"] * scale, change["ci_high"] * scale
     return {"claim": claim, "metric": metric, "comparison": comparison, "n": change["n"], "base_value": a_value * scale,
             "imitation_value": b_value * scale, "change": change["diff"] * scale, "ci_low": lo, "ci_high": hi,
-            "p_value": change.get("p_value"), "mde": mde(change["se"], cfg.alpha, cfg.power) * scale, "unit": unit,
+            "p_value": change.get("p_value"), "mde": mde(change["se"], cfg.alpha, cfg.power, change["n"] if change.get("test") == "exact McNemar" else 0) * scale, "unit": unit,
             "expected": expected, "margin": margin if expected == "no_improvement" else None,
             "verdict": verdict(lo, hi, expected, margin), "test": change["test"], "paper": paper, "note": note}
 
