@@ -279,7 +279,8 @@ def claim_summary(df: pd.DataFrame) -> list[str]:
         if rows.empty: out.append(f"*{claim}*: not measured in this run."); continue
         v = rows.verdict.value_counts()
         parts = [f"{v.get(k, 0)} {k}" for k in ("reproduced", "opposite", "inconclusive at this n") if v.get(k, 0)]
-        which = "; ".join(f"{r.metric} {_fmt(r.change, r.unit)} [{_fmt(r.ci_low, r.unit)}, {_fmt(r.ci_high, r.unit)}] → {r.verdict}"
+        which = "; ".join(f"{r.metric} {_fmt(r.change, r.unit)} [{_fmt(r.ci_low, r.unit)}, {_fmt(r.ci_high, r.unit)}] "
+                          f"(n = {r.n:,}, MDE {abs(r.mde):.3g}) → {r.verdict}"
                           for r in rows.itertuples())
         rep, opp = v.get("reproduced", 0), v.get("opposite", 0)
         word = ("reproduced" if rep == len(rows) else "not reproduced" if opp == len(rows)
