@@ -345,3 +345,19 @@ def test_the_smallest_nested_budget_is_not_all_warmup(tmp_path):
     assert any(lr > 0 for lr in lrs), lrs
     A = load_file(str(tmp_path / "run" / "adapters" / f"{b:g}" / "adapter_model.safetensors"))
     assert max(A[k].abs().max().item() for k in A if "lora_B" in k) > 0     # LoRA B starts at zero
+
+
+def test_runs_on_the_same_base_share_its_heldout_score(data, tmp_path, monkeypatch):
+    """The second fine-tuning run of the same base on the same held-out answers reads the base's score from
+    runs/_cache/heldout_base instead of scoring again (the mini grid's NQ-synthetic run after its data sweep): a marker
+    planted in the shared file reaches the second run's heldout_base.json and its held-out table."""
+    monkeypatch.setenv("IMITATION_NB_RUNS", str(tmp_path / "runs"))
+    cfg = tiny_cfg(max_steps=1, heldout_max_examples=2, heldout_max_length=64)
+    finetune(SPEC, data / "train.jsonl", cfg, tmp_path / "a", heldout_data=data / "heldout.jsonl")
+    shared = list((tmp_path / "runs" / "_cache" / "heldout_base").glob("*.json"))
+    first = json.loads((tmp_path / "a" / "heldout_base.json").read_text())
+    assert len(shared) == 1 and json.loads(shared[0].read_text()) == first and 0.5 < first["loss"] < 5, first   # the real model on real answers
+    shared[0].write_text(json.dumps({**first, "loss": 123.0}))
+    finetune(SPEC, data / "train.jsonl", dict(cfg, max_train_conversations=10), tmp_path / "b", heldout_data=data / "heldout.jsonl")
+    assert json.loads((tmp_path / "b" / "heldout_base.json").read_text())["loss"] == 123.0
+    assert json.loads((tmp_path / "b" / "heldout.json").read_text())["base"]["loss"] == 123.0
